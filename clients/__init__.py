@@ -1,0 +1,10 @@
+"""Client-side local trainers, chosen by the YAML's ``client.trainer``.
+
+A trainer is ``train(bundle, examples, ctx) -> TrainResult``: it updates the trainable
+tensors of ``bundle.model`` in place on the client's own examples.
+"""
+
+from clients.base import TRAINERS, TrainContext, TrainResult, Trainer
+from clients import supervised as _supervised  # noqa: F401  (registers "supervised")
+
+__all__ = ["TRAINERS", "TrainContext", "TrainResult", "Trainer"]

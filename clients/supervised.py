@@ -1,0 +1,43 @@
+"""Supervised PEFT fine-tuning: local epochs of AdamW on the client's labelled examples."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from clients.base import TRAINERS, TrainContext, TrainResult
+from fedllm.data import Examples
+from fedllm.models import ModelBundle, forward_logits
+
+
+@TRAINERS.register("supervised")
+def train_supervised(bundle: ModelBundle, examples: Examples, ctx: TrainContext) -> TrainResult:
+    section = ctx.section
+    model = bundle.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay)
+    rng = random.Random(ctx.seed)
+    torch.manual_seed(ctx.seed)  # dropout masks
+    model.train()
+    losses: list[float] = []
+    seen = 0
+    for _epoch in range(section.local_epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), section.batch_size):
+            if section.max_steps is not None and len(losses) >= section.max_steps:
+                break
+            batch = [order[i] for i in range(start, min(start + section.batch_size, len(order)))]
+            logits = forward_logits(bundle, model, [examples.texts[i] for i in batch],
+                                    [examples.tasks[i] for i in batch], ctx.label_ranges, ctx.max_length)
+            labels = torch.tensor([examples.labels[i] for i in batch], device=logits.device)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            seen += len(batch)
+    model.eval()
+    return TrainResult(loss=sum(losses) / max(1, len(losses)), steps=len(losses), examples_seen=seen)

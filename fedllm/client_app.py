@@ -1,0 +1,83 @@
+"""ClientApp: thin Flower glue around :func:`train_round` (plain PyTorch underneath).
+
+A client restores the global group from the message and its local group from
+``context.state`` (kept across rounds by Flower), trains with its trainer from
+``clients/``, stores the local group back, and replies with only the delta of the
+global group plus its metrics.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import TRAINERS, TrainContext
+from fedllm.config import ExperimentConfig, config_from_json
+from fedllm.data import Examples, client_examples, load_suite
+from fedllm.metrics import evaluate_tasks
+from fedllm.models import ModelBundle, cached_bundle
+from fedllm.payload import CONFIG, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
+from fedllm.vectors import get_tensors, set_tensors, subtract
+
+LOCAL_STATE = "fedllm.local"
+
+app = ClientApp()
+
+
+def _partition(context: Context, config: dict) -> tuple[int, int]:
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ValueError("node config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=0 num-partitions=N')")
+    num = int(config.get("num-partitions") or node_config.get("num-partitions", 0))
+    return int(node_config["partition-id"]), num
+
+
+def _prepare(content: RecordDict, context: Context) -> tuple[ExperimentConfig, ModelBundle, Examples, int]:
+    config = dict(content.config_records[CONFIG])
+    cfg = config_from_json(str(config["experiment"]))
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle = cached_bundle(cfg, suite.num_labels)
+    partition_id, num_partitions = _partition(context, config)
+    examples = client_examples(cfg.data, partition_id, num_partitions, cfg.seed)
+    set_tensors(bundle.model, content.array_records[GLOBAL].to_torch_state_dict())
+    local = context.state.array_records.get(LOCAL_STATE)
+    set_tensors(bundle.model, local.to_torch_state_dict() if local is not None else bundle.initial_local)
+    return cfg, bundle, examples, int(config.get("round", 0))
+
+
+def train_round(content: RecordDict, context: Context) -> RecordDict:
+    """One client round: returns the reply content (delta of the global group + metrics)."""
+    cfg, bundle, examples, server_round = _prepare(content, context)
+    before = get_tensors(bundle.model, bundle.groups.global_names)
+    suite = load_suite(cfg.data, cfg.seed)
+    trainer = TRAINERS.get(cfg.client.trainer)
+    ctx = TrainContext(cfg.client, suite.label_ranges, cfg.model.max_length,
+                       seed=cfg.seed * 100_003 + server_round * 1_009 + int(context.node_config.get("partition-id", 0)))
+    result = trainer(bundle, examples, ctx)
+    if bundle.groups.local_names:
+        context.state[LOCAL_STATE] = ArrayRecord(torch_state_dict=get_tensors(bundle.model, bundle.groups.local_names))
+    delta = subtract(get_tensors(bundle.model, bundle.groups.global_names), before)
+    metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples)}
+    return reply_content(delta, metrics)
+
+
+def evaluate_round(content: RecordDict, context: Context) -> RecordDict:
+    """Personalised evaluation: global group from the server, local group from the client state,
+    on the pooled test split restricted to the tasks this client trains on."""
+    cfg, bundle, examples, _ = _prepare(content, context)
+    suite = load_suite(cfg.data, cfg.seed)
+    test = suite.split("test")
+    mine = set(examples.tasks)
+    test = test.subset([i for i, t in enumerate(test.tasks) if t in mine])
+    scores = evaluate_tasks(bundle, bundle.model, suite, test, cfg.eval.batch_size, cfg.model.max_length)
+    return RecordDict({METRICS: MetricRecord({**scores, NUM_EXAMPLES: len(test)})})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(train_round(msg.content, context), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(evaluate_round(msg.content, context), reply_to=msg)

@@ -1,0 +1,278 @@
+"""One typed experiment config, loaded from YAML plus ``key=value`` overrides.
+
+Everything a run needs is in :class:`ExperimentConfig`, validated before any training:
+unknown keys, wrong types, impossible values and unknown registry names all stop the run
+with :class:`ConfigError`, whose message names the key and what is allowed. The resolved
+config travels to clients as JSON, so an edge device needs no YAML file of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: which key, what is wrong, what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field("minilm", description="'minilm' (embedded), 'tiny-bert', a HF id or a local path")
+    max_length: PositiveInt = 64
+
+
+class PeftSection(_Section):
+    method: Literal["lora", "full"] = "lora"
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    # Parameter groups by name pattern (substring, or glob if it has * ? [): trainable
+    # tensors matching `global_patterns` are sent and aggregated, those matching
+    # `local_patterns` stay on the client; every other tensor is frozen.
+    global_patterns: list[str] = Field(default_factory=lambda: ["lora_", "classifier"])
+    local_patterns: list[str] = Field(default_factory=list)
+
+
+class TaskSpec(_Section):
+    """One classification task: embedded (by name), a local JSONL/CSV file or folder, or a HF dataset."""
+
+    name: str
+    source: Literal["embedded", "local", "hf"] = "embedded"
+    path: str | None = Field(None, description="local file/folder, or HF dataset name")
+    text_field: str = "text"
+    label_field: str = "label"
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "TaskSpec":
+        if self.source in ("local", "hf") and not self.path:
+            raise ValueError(f"task {self.name!r}: source {self.source!r} needs a 'path'")
+        if self.source == "embedded":
+            from fedllm.embedded_tasks import EMBEDDED_TASKS
+
+            if self.name not in EMBEDDED_TASKS:
+                raise ValueError(
+                    f"unknown embedded task {self.name!r}; allowed: {', '.join(sorted(EMBEDDED_TASKS))}"
+                    " (or give source: local/hf with a path)"
+                )
+        return self
+
+
+class DataSection(_Section):
+    tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="sentiment")], min_length=1)
+    partition: Literal["iid", "dirichlet", "task"] = "iid"
+    alpha: PositiveFloat = 0.5
+    max_train_per_task: PositiveInt | None = 2000
+    max_test_per_task: PositiveInt | None = 400
+    num_clients: PositiveInt | None = Field(
+        None, description="clients to split the data into; default: the federation's num-supernodes"
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class ClientSection(_Section):
+    trainer: str = "supervised"
+    lr: PositiveFloat = 5e-4
+    weight_decay: float = Field(0.0, ge=0.0)
+    local_epochs: PositiveInt = 1
+    batch_size: PositiveInt = 16
+    max_steps: PositiveInt | None = 20
+
+    @field_validator("trainer")
+    @classmethod
+    def _known_trainer(cls, value: str) -> str:
+        from clients import TRAINERS
+
+        TRAINERS.get(value)
+        return value
+
+
+class StrategySection(_Section):
+    name: str = "fedavg"
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    min_clients: PositiveInt = 1
+    server_lr: PositiveFloat = 1.0
+    round_timeout: PositiveFloat | None = Field(600.0, description="seconds to wait for replies")
+
+    @field_validator("name")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        from strategies import FUSION_RULES
+
+        FUSION_RULES.get(value)
+        return value
+
+
+class ChannelSection(BaseModel):
+    """``kind`` picks the channel; every other key is that channel's own parameter."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = "ideal"
+
+    @model_validator(mode="after")
+    def _known_channel(self) -> "ChannelSection":
+        from channels.base import validate_channel_params
+
+        validate_channel_params(self.kind, self.params())
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvalSection(_Section):
+    every: PositiveInt = 1
+    batch_size: PositiveInt = 64
+    centralized: bool = True
+
+
+class OutputSection(_Section):
+    dir: str = "results"
+    name: str | None = None
+
+
+class ExperimentConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    data: DataSection = Field(default_factory=DataSection)
+    client: ClientSection = Field(default_factory=ClientSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    channel: ChannelSection = Field(default_factory=ChannelSection)
+    rounds: PositiveInt = 3
+    eval: EvalSection = Field(default_factory=EvalSection)
+    seed: int = 0
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    def digest(self) -> str:
+        """Short hash of the resolved config: same config, same hash."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        return self.output.name or f"{self.strategy.name}-{self.channel.kind}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key{_allowed_keys_hint(e['loc'])}"
+        lines.append(f"  {key}: {msg}")
+    return "invalid experiment config:\n" + "\n".join(lines)
+
+
+def _allowed_keys_hint(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if annotation is TaskSpec or str(part) == "tasks":
+            model = TaskSpec
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return ""
+    return f"; allowed: {', '.join(model.model_fields)}"
+
+
+def parse_overrides(overrides: str | list[str] | None) -> dict[str, Any]:
+    """Parse ``"rounds=5 client.lr=0.001"`` (or a list of such items) into a nested dict.
+
+    Values are read as YAML scalars/lists, so ``5`` is an int and ``[a, b]`` a list.
+    """
+    if not overrides:
+        return {}
+    items = overrides.split() if isinstance(overrides, str) else list(overrides)
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. client.lr=0.001)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(raw: dict[str, Any], overrides: str | list[str] | None = None) -> ExperimentConfig:
+    data = _deep_merge(raw, parse_overrides(overrides))
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: str | list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML (``None``: all defaults) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"experiment file not found: {p} (give a path to a YAML file)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"experiment file {p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"experiment file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    return config_from_dict(raw, overrides)
+
+
+def config_from_json(text: str) -> ExperimentConfig:
+    return config_from_dict(json.loads(text))

