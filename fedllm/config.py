@@ -210,6 +210,29 @@ def _allowed_keys_hint(loc: tuple[Any, ...]) -> str:
     return f"; allowed: {', '.join(model.model_fields)}"
 
 
+def _split_items(text: str) -> list[str]:
+    """Split on whitespace that is outside brackets, braces and quotes (``c=[x, y]`` is one item)."""
+    items, current, depth, quote = [], [], 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch.isspace() and depth == 0:
+            if current:
+                items.append("".join(current))
+                current = []
+            continue
+        current.append(ch)
+    if current:
+        items.append("".join(current))
+    return items
+
+
 def parse_overrides(overrides: str | list[str] | None) -> dict[str, Any]:
     """Parse ``"rounds=5 client.lr=0.001"`` (or a list of such items) into a nested dict.
 
@@ -217,7 +240,7 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, Any]:
     """
     if not overrides:
         return {}
-    items = overrides.split() if isinstance(overrides, str) else list(overrides)
+    items = _split_items(overrides) if isinstance(overrides, str) else list(overrides)
     nested: dict[str, Any] = {}
     for item in items:
         if "=" not in item:

@@ -221,6 +221,9 @@ def partition_indices(examples: Examples, num_clients: int, scheme: str, alpha: 
     if num_clients < 1:
         raise DataError("num_clients must be at least 1")
     n = len(examples)
+    if n < num_clients:
+        raise DataError(f"{n} examples cannot fill {num_clients} clients: some would get an empty partition; "
+                        "use fewer clients or more data")
     if scheme == "task":
         task_ids = sorted(set(examples.tasks))
         parts: list[list[int]] = [[] for _ in range(num_clients)]

@@ -9,14 +9,20 @@ so the server and every client build bit-identical starting points.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import logging as transformers_logging
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from fedllm.config import ExperimentConfig
 from fedllm.vectors import ParameterGroups, Tensors, get_tensors, split_groups
+
+transformers_logging.set_verbosity_error()  # the load report of a fresh head is expected, not news
+transformers_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 MINILM = "minilm"
 TINY_BERT = "tiny-bert"

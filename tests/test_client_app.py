@@ -1,0 +1,61 @@
+"""The client's round function, called directly (no Flower run needed)."""
+
+import torch
+from flwr.app import Context, RecordDict
+
+from fedllm.client_app import LOCAL_STATE, train_round
+from fedllm.config import load_config
+from fedllm.data import load_suite
+from fedllm.models import build_bundle
+from fedllm.payload import DELTA, METRICS, round_content
+from tests.conftest import TINY_OVERRIDES
+
+LORA_TINY = [o for o in TINY_OVERRIDES if not o.startswith("peft.")] + ["client.lr=0.01", "client.max_steps=5"]
+
+
+def _context(partition_id: int = 0) -> Context:
+    return Context(run_id=1, node_id=partition_id + 10, node_config={"partition-id": partition_id, "num-partitions": 3},
+                   state=RecordDict(), run_config={})
+
+
+def _global(cfg):
+    suite = load_suite(cfg.data, cfg.seed)
+    return build_bundle(cfg, suite.num_labels)
+
+
+def test_only_the_global_group_leaves_the_client():
+    cfg = load_config(None, LORA_TINY)
+    server = _global(cfg)
+    reply = train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), _context())
+    assert set(reply.keys()) == {DELTA, METRICS}
+    sent = reply.array_records[DELTA].to_torch_state_dict()
+    assert list(sent) == list(server.groups.global_names)
+    assert all("lora_" in n or "classifier" in n for n in sent)
+    all_params = dict(server.model.named_parameters())
+    assert sum(t.numel() for t in sent.values()) < 0.2 * sum(p.numel() for p in all_params.values())
+    assert any(torch.count_nonzero(d) > 0 for d in sent.values())  # it trained
+    metrics = reply.metric_records[METRICS]
+    assert metrics["num-examples"] == 200 and metrics["steps"] == 5
+
+
+def test_local_group_stays_on_the_client_and_persists_across_rounds():
+    # LoRA A/B of the query projections are global; those of the value projections are local.
+    cfg = load_config(None, [*LORA_TINY, "peft.global_patterns=['query.lora_', classifier]",
+                             "peft.local_patterns=['value.lora_']"])
+    server = _global(cfg)
+    assert server.groups.local_names and all("value.lora_" in n for n in server.groups.local_names)
+    context = _context(1)
+    reply = train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), context)
+    sent = reply.array_records[DELTA].to_torch_state_dict()
+    assert not any("value.lora_" in n for n in sent)
+    local_1 = context.state.array_records[LOCAL_STATE].to_torch_state_dict()
+    assert set(local_1) == set(server.groups.local_names)
+    lora_b = [n for n in local_1 if "lora_B" in n][0]  # LoRA B starts at zero, so any change is training
+    assert torch.count_nonzero(local_1[lora_b]) > 0
+    train_round(round_content(server.initial_global, cfg.to_json(), 2, 0), context)
+    local_2 = context.state.array_records[LOCAL_STATE].to_torch_state_dict()
+    assert not torch.equal(local_1[lora_b], local_2[lora_b])
+    # A different client starts from the initial local group, not from client 1's.
+    other = _context(2)
+    train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), other)
+    assert not torch.equal(other.state.array_records[LOCAL_STATE].to_torch_state_dict()[lora_b], local_2[lora_b])
