@@ -40,15 +40,19 @@ class ModelSection(_Section):
 
 
 class PeftSection(_Section):
-    method: Literal["lora", "full"] = "lora"
+    # lora: LoRA on target_modules (+ head); full: every weight trains; none: the base is frozen
+    # and only the head and the adapters (if adapter_size is set) train.
+    method: Literal["lora", "full", "none"] = "lora"
     r: PositiveInt = 8
     alpha: PositiveFloat = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    adapter_size: PositiveInt | None = Field(None, description="bottleneck width of Houlsby adapters; None: no adapters")
+    adapter_targets: list[str] = Field(default_factory=lambda: ["output.dense"])
     # Parameter groups by name pattern (substring, or glob if it has * ? [): trainable
     # tensors matching `global_patterns` are sent and aggregated, those matching
     # `local_patterns` stay on the client; every other tensor is frozen.
-    global_patterns: list[str] = Field(default_factory=lambda: ["lora_", "classifier"])
+    global_patterns: list[str] = Field(default_factory=lambda: ["lora_", "adapter_", "classifier"])
     local_patterns: list[str] = Field(default_factory=list)
 
 

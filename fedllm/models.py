@@ -17,6 +17,7 @@ import torch
 from transformers import logging as transformers_logging
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from fedllm.adapters import add_adapters
 from fedllm.config import ExperimentConfig
 from fedllm.vectors import ParameterGroups, Tensors, get_tensors, split_groups
 
@@ -70,19 +71,30 @@ def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
 
 
 def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> torch.nn.Module:
+    """Add adapters and/or LoRA and set what trains: the head always, the rest by ``peft.method``."""
+    torch.manual_seed(seed + 1)
+    if cfg.peft.adapter_size:
+        add_adapters(model, cfg.peft.adapter_targets, cfg.peft.adapter_size)
     if cfg.peft.method == "full":
         return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    if cfg.peft.method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
 
-    torch.manual_seed(seed + 1)
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=cfg.peft.r, lora_alpha=cfg.peft.alpha,
-        lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
-    )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as exc:
-        raise ValueError(f"peft.target_modules {cfg.peft.target_modules}: {exc}") from None
+        lora = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=cfg.peft.r, lora_alpha=cfg.peft.alpha,
+            lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
+        )
+        try:
+            model = get_peft_model(model, lora)  # freezes all but LoRA and the head
+        except ValueError as exc:
+            raise ValueError(f"peft.target_modules {cfg.peft.target_modules}: {exc}") from None
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_("classifier" in name)
+    for name, param in model.named_parameters():
+        if "adapter_down" in name or "adapter_up" in name:
+            param.requires_grad_(True)
+    return model
 
 
 @dataclass

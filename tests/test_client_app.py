@@ -59,3 +59,19 @@ def test_local_group_stays_on_the_client_and_persists_across_rounds():
     other = _context(2)
     train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), other)
     assert not torch.equal(other.state.array_records[LOCAL_STATE].to_torch_state_dict()[lora_b], local_2[lora_b])
+
+
+def test_bottleneck_adapters_start_as_identity_and_are_the_sent_group():
+    cfg = load_config(None, [*LORA_TINY, "peft.method=none", "peft.adapter_size=4"])
+    bundle = _global(cfg)
+    assert bundle.groups.global_names and all(("adapter_" in n) or ("classifier" in n) for n in bundle.groups.global_names)
+    assert sum("adapter_up" in n for n in bundle.groups.global_names) == 2 * 2 * 2  # 2 layers x 2 blocks x (w, b)
+    plain = load_config(None, [*LORA_TINY, "peft.method=none"])
+    a, b = _global(cfg).model, _global(plain).model
+    x = {"input_ids": torch.tensor([[101, 2023, 2003, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.allclose(a(**x).logits, b(**x).logits, atol=1e-6)  # zero-initialised up-projection
+    reply = train_round(round_content(bundle.initial_global, cfg.to_json(), 1, 0), _context())
+    sent = reply.array_records[DELTA].to_torch_state_dict()
+    assert any(torch.count_nonzero(d) > 0 for n, d in sent.items() if "adapter_" in n)
