@@ -5,6 +5,7 @@ module below registers itself, so a new channel is one new file imported here.
 """
 
 from channels.base import CHANNELS, Channel, ChannelReport, ClientMeta, build_channel
-from channels import ideal as _ideal  # noqa: F401  (registers "ideal")
+# Each import registers its channels by name.
+from channels import awgn, compose, erasure, fading, ideal, mimo_mac, ota, quantize  # noqa: F401,E402
 
 __all__ = ["CHANNELS", "Channel", "ChannelReport", "ClientMeta", "build_channel"]

@@ -39,18 +39,23 @@ class ChannelReport:
 
     mse: torch.Tensor  # (clients,) mean squared error per entry
     snr_db: torch.Tensor  # (clients,) effective SNR; +inf for a noiseless link
-    bits: torch.Tensor  # (clients,) bits put on the air
+    bits: torch.Tensor  # (clients,) payload bits (32 per float for analog links)
     dropped: torch.Tensor  # (clients,) bool: payload lost entirely
+    symbols: torch.Tensor | None = None  # (clients,) channel uses (complex symbols)
+    aggregated: bool = False  # True: ``received`` is one (1 x d) superposed sum (over-the-air)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         finite = self.snr_db[torch.isfinite(self.snr_db)]
-        return {
+        out = {
             "channel_mse": float(self.mse.mean()) if len(self.mse) else 0.0,
             "channel_snr_db": float(finite.mean()) if len(finite) else float("inf"),
             "channel_bits": float(self.bits.sum()),
             "channel_dropped": int(self.dropped.sum()),
         }
+        if self.symbols is not None:
+            out["channel_symbols"] = float(self.symbols.sum())
+        return out
 
 
 class Channel(ABC):
@@ -60,6 +65,7 @@ class Channel(ABC):
 
     def __init__(self, params: ChannelParams, seed: int = 0) -> None:
         self.params = params
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     @abstractmethod
@@ -70,6 +76,60 @@ class Channel(ABC):
 
 
 CHANNELS: Registry[type[Channel]] = Registry("channel")
+
+
+# --------------------------------------------------------------------------- shared math
+
+
+def db_to_linear(db: float) -> float:
+    return 10.0 ** (db / 10.0)
+
+
+def check_batch(batch: torch.Tensor) -> None:
+    """Channels are pure math on a finite (clients x d) float batch; anything else is a caller bug."""
+    if batch.ndim != 2:
+        raise ValueError(f"channel input must be (clients x d), got shape {tuple(batch.shape)}")
+    if not torch.is_floating_point(batch):
+        raise ValueError(f"channel input must be floating point, got {batch.dtype}")
+    if not torch.isfinite(batch).all():
+        raise ValueError("channel input contains NaN/Inf; reject such payloads before transmission")
+
+
+def to_symbols(batch: torch.Tensor) -> torch.Tensor:
+    """Pack pairs of reals into complex baseband symbols: (n, d) -> (n, ceil(d/2)), zero-padded."""
+    n, d = batch.shape
+    if d % 2:
+        batch = torch.cat([batch, batch.new_zeros(n, 1)], dim=1)
+    return torch.view_as_complex(batch.to(torch.float32).reshape(n, -1, 2).contiguous())
+
+
+def from_symbols(symbols: torch.Tensor, d: int) -> torch.Tensor:
+    return torch.view_as_real(symbols).reshape(symbols.shape[0], -1)[:, :d]
+
+
+def complex_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Circular complex Gaussian CN(0, 1): real and imaginary parts each of variance 1/2."""
+    return torch.randn(shape, dtype=torch.complex64, generator=generator)
+
+
+def packets(num_symbols: int, packet_size: int | None) -> tuple[int, int]:
+    """(number of packets, packet length) covering ``num_symbols`` (last one zero-padded)."""
+    size = num_symbols if not packet_size else min(packet_size, max(1, num_symbols))
+    return -(-num_symbols // size), size
+
+
+def measured_report(sent: torch.Tensor, received: torch.Tensor, bits: torch.Tensor,
+                    dropped: torch.Tensor | None = None, symbols: torch.Tensor | None = None,
+                    **extra: Any) -> ChannelReport:
+    """MSE and effective SNR measured from what was sent and what arrived, per client."""
+    n = sent.shape[0]
+    err = (received - sent).pow(2).mean(dim=1)
+    power = sent.pow(2).mean(dim=1)
+    snr = torch.where(err > 0, 10 * torch.log10(power.clamp_min(1e-30) / err.clamp_min(1e-30)),
+                      torch.full_like(err, float("inf")))
+    return ChannelReport(mse=err, snr_db=snr, bits=bits.to(torch.float64),
+                         dropped=dropped if dropped is not None else torch.zeros(n, dtype=torch.bool),
+                         symbols=symbols, extra=dict(extra))
 
 
 def validate_channel_params(kind: str, params: Mapping[str, Any]) -> ChannelParams:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from channels.base import CHANNELS, Channel, ChannelReport, ClientMeta
+from channels.base import CHANNELS, Channel, ChannelReport, ClientMeta, check_batch
 
 
 @CHANNELS.register("ideal")
 class IdealChannel(Channel):
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
+        check_batch(batch)
         n, d = batch.shape
         report = ChannelReport(
             mse=torch.zeros(n),

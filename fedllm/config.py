@@ -173,6 +173,14 @@ class ExperimentConfig(_Section):
     seed: int = 0
     output: OutputSection = Field(default_factory=OutputSection)
 
+    @model_validator(mode="after")
+    def _ota_needs_fedavg(self) -> "ExperimentConfig":
+        stages = self.channel.params().get("chain", []) if self.channel.kind == "compose" else [{"kind": self.channel.kind}]
+        if any(s.get("kind") == "ota" for s in stages) and self.strategy.name != "fedavg":
+            raise ValueError(f"channel 'ota' delivers only the weighted sum, which strategy {self.strategy.name!r} "
+                             "cannot use; use strategy.name: fedavg or another channel")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 

@@ -127,7 +127,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
             meta = ClientMeta(ids=[str(u.node_id) for u in updates], num_examples=weights)
             received, report = channel.transmit(batch, meta)
             keep = ~report.dropped
-            if keep.any():
+            if report.aggregated:  # over-the-air: the channel already delivered the weighted mean
+                global_params = add(global_params, unflatten(received[0], layout), cfg.strategy.server_lr)
+            elif keep.any():
                 fused = fuse(received[keep], weights[keep])
                 global_params = add(global_params, unflatten(fused, layout), cfg.strategy.server_lr)
             record.update(report.summary())

@@ -1,0 +1,58 @@
+"""A chain of channels applied in order, e.g. quantize then rayleigh (digital payload, analog link).
+
+YAML: ``channel: {kind: compose, chain: [{kind: quantize, bits: 8}, {kind: rayleigh, snr_db: 10}]}``.
+The report measures the end-to-end error; bits are the fewest any stage reports (the digital
+stage's count), drops accumulate. Over-the-air (``ota``) may only be the last stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from channels.base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, build_channel, check_batch, measured_report
+
+
+class ComposeParams(ChannelParams):
+    chain: list[dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("chain")
+    @classmethod
+    def _valid_stages(cls, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from channels.base import validate_channel_params
+
+        for i, stage in enumerate(chain):
+            if "kind" not in stage:
+                raise ValueError(f"chain[{i}] needs a 'kind'")
+            if stage["kind"] == "ota" and i != len(chain) - 1:
+                raise ValueError("ota sums the clients' signals, so it can only be the last stage of a chain")
+            validate_channel_params(stage["kind"], {k: v for k, v in stage.items() if k != "kind"})
+        return chain
+
+
+@CHANNELS.register("compose")
+class ComposedChannel(Channel):
+    Params = ComposeParams
+
+    def __init__(self, params: ComposeParams, seed: int = 0) -> None:
+        super().__init__(params, seed)
+        self.stages = [build_channel(s["kind"], {k: v for k, v in s.items() if k != "kind"}, seed + 7919 * i)
+                       for i, s in enumerate(params.chain)]
+
+    def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
+        check_batch(batch)
+        x = batch
+        bits = torch.full((batch.shape[0],), float("inf"), dtype=torch.float64)
+        dropped = torch.zeros(batch.shape[0], dtype=torch.bool)
+        last = None
+        for stage in self.stages:
+            x, last = stage.transmit(x, meta)
+            bits = torch.minimum(bits, last.bits)
+            dropped |= last.dropped
+        assert last is not None
+        if last.aggregated:
+            last.bits, last.dropped = bits, dropped
+            return x, last
+        return x, measured_report(batch, x, bits, dropped=dropped, symbols=last.symbols)

@@ -1,0 +1,90 @@
+"""A point-to-point uplink shared by ``awgn``, ``rayleigh`` and ``rician``.
+
+Each client's reals are packed in pairs into complex symbols and cut into packets of
+``packet_size`` symbols. Power normalisation is **per client and per packet**: every packet is
+scaled to the transmit power P (so the receiver must know one scale factor per packet, the
+usual analog-FL side information), sees one block-fading gain h, and gets circular Gaussian
+noise CN(0, sigma^2) with sigma^2 = P / SNR; ``snr_db`` is thus the SNR of a unit-gain link at
+the 1 m reference distance, and fading and path loss lower the received SNR from there.
+The receiver equalises with its channel estimate (perfect, or with error variance
+``csi_error_var``) by zero-forcing or LMMSE and undoes the power scaling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator
+
+from channels.base import ChannelParams, ClientMeta, complex_noise, db_to_linear, packets
+
+
+class LinkParams(ChannelParams):
+    snr_db: float = Field(10.0, description="SNR (dB) of a unit-gain link; .inf for noiseless")
+    packet_size: PositiveInt | None = Field(4096, description="symbols per packet (power normalisation and fading block)")
+    tx_power_db: float = 0.0
+    path_loss_exponent: NonNegativeFloat = 0.0
+    distance_m: float | tuple[float, float] = Field(
+        1.0, description="client distance in metres, or [min, max] for a uniform drop per client")
+
+    @field_validator("distance_m")
+    @classmethod
+    def _positive_distance(cls, value: float | tuple[float, float]) -> float | tuple[float, float]:
+        values = value if isinstance(value, tuple) else (value,)
+        if any(v <= 0 for v in values) or (isinstance(value, tuple) and value[0] > value[1]):
+            raise ValueError(f"distance_m must be positive (and min <= max), got {value}")
+        return value
+
+
+class FadingParams(LinkParams):
+    equalizer: Literal["zf", "mmse"] = "mmse"
+    csi_error_var: NonNegativeFloat = Field(0.0, description="variance of the channel-estimate error (0: perfect CSI)")
+
+
+def path_gains(params: LinkParams, ids: list[str], seed: int) -> torch.Tensor:
+    """Large-scale gain beta = d^-exponent per client; a client keeps its distance across rounds."""
+    if isinstance(params.distance_m, tuple):
+        lo, hi = params.distance_m
+        dist = []
+        for cid in ids:
+            u = int(hashlib.sha256(f"{seed}-{cid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            dist.append(lo + (hi - lo) * u)
+        d = torch.tensor(dist, dtype=torch.float64)
+    else:
+        d = torch.full((len(ids),), float(params.distance_m), dtype=torch.float64)
+    return d.pow(-params.path_loss_exponent).to(torch.float32)
+
+
+def transmit_link(symbols: torch.Tensor, params: LinkParams, meta: ClientMeta, generator: torch.Generator,
+                  seed: int, gains: torch.Tensor | None = None, equalizer: str = "zf",
+                  csi_error_var: float = 0.0) -> torch.Tensor:
+    """Send (n, m) complex symbols through per-packet gains ``gains`` (n, blocks); returns estimates."""
+    n, m = symbols.shape
+    blocks, size = packets(m, params.packet_size)
+    padded = torch.zeros(n, blocks * size, dtype=symbols.dtype)
+    padded[:, :m] = symbols
+    s = padded.view(n, blocks, size)
+    power = db_to_linear(params.tx_power_db) * meta.power().to(torch.float32).view(n, 1, 1)
+    packet_power = s.abs().pow(2).mean(dim=2, keepdim=True)
+    alpha = torch.where(packet_power > 0, torch.sqrt(power / packet_power.clamp_min(1e-30)), torch.ones_like(packet_power))
+    u = alpha * s
+    beta = path_gains(params, meta.ids, seed).view(n, 1, 1)
+    h = gains.view(n, blocks, 1) if gains is not None else torch.ones(n, blocks, 1, dtype=torch.complex64)
+    g = torch.sqrt(beta) * h
+    snr = db_to_linear(params.snr_db)
+    sigma2 = (db_to_linear(params.tx_power_db) / snr) if math.isfinite(snr) else 0.0
+    y = g * u
+    if sigma2 > 0:
+        y = y + math.sqrt(sigma2) * complex_noise(tuple(y.shape), generator)
+    g_hat = g
+    if csi_error_var > 0:
+        g_hat = g + torch.sqrt(beta * csi_error_var) * complex_noise((n, blocks, 1), generator)
+    if equalizer == "zf":
+        u_hat = y / g_hat
+    else:  # LMMSE: P g* y / (P |g|^2 + sigma^2 + P beta csi_var)
+        denom = power * g_hat.abs().pow(2) + sigma2 + power * beta * csi_error_var
+        u_hat = power * g_hat.conj() * y / denom
+    return (u_hat / alpha).reshape(n, -1)[:, :m]

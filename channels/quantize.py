@@ -1,0 +1,55 @@
+"""Digital uplink: optional top-k sparsification, then stochastic uniform quantisation to ``bits``.
+
+Quantisation: each client's kept values are mapped onto 2^bits levels spanning [min, max] and
+rounded up or down at random with the probabilities that make it unbiased (E[q(x)] = x); the
+per-value variance is at most Delta^2 / 4 with Delta = (max - min) / (2^bits - 1). Top-k keeps
+the ``topk`` fraction of largest-magnitude values (biased: the rest are zero). Bits counted per
+client: values x bits + 64 for (min, max), plus an index of ceil(log2 d) bits per kept value
+when sparsified.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from channels.base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, check_batch, measured_report
+
+
+class QuantizeParams(ChannelParams):
+    bits: int = Field(8, ge=1, le=32, description="bits per value")
+    topk: float = Field(1.0, gt=0.0, le=1.0, description="fraction of values kept (1.0: dense)")
+
+
+def stochastic_quantize(x: torch.Tensor, bits: int, generator: torch.Generator) -> torch.Tensor:
+    """Unbiased stochastic rounding of each row of ``x`` onto 2^bits uniform levels of its range."""
+    lo = x.min(dim=1, keepdim=True).values
+    hi = x.max(dim=1, keepdim=True).values
+    levels = 2**bits - 1
+    step = ((hi - lo) / levels).clamp_min(1e-30)
+    t = (x - lo) / step
+    floor = t.floor()
+    up = torch.rand(x.shape, generator=generator) < (t - floor)
+    return torch.where(hi > lo, lo + (floor + up) * step, x)
+
+
+@CHANNELS.register("quantize")
+class QuantizeChannel(Channel):
+    Params = QuantizeParams
+
+    def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
+        check_batch(batch)
+        n, d = batch.shape
+        bits, frac = self.params.bits, self.params.topk
+        if frac < 1.0:
+            k = max(1, int(round(frac * d)))
+            idx = batch.abs().topk(k, dim=1).indices
+            kept = torch.gather(batch, 1, idx)
+            received = torch.zeros_like(batch).scatter_(1, idx, stochastic_quantize(kept, bits, self.generator))
+            per_client = k * (bits + math.ceil(math.log2(max(d, 2)))) + 64
+        else:
+            received = stochastic_quantize(batch, bits, self.generator)
+            per_client = d * bits + 64
+        return received, measured_report(batch, received, torch.full((n,), float(per_client)))

@@ -1,0 +1,215 @@
+"""Channel models against closed forms (and independent Monte-Carlo references)."""
+
+import math
+
+import pytest
+import torch
+
+from channels import CHANNELS, ClientMeta, build_channel
+from channels.mimo_mac import (CDTYPE, MimoMacChannel, noise_covariance, project_power, strongest_user_jammer, sum_rate,
+                               worst_case_jammer)
+
+
+def _meta(n: int, examples: list[float] | None = None) -> ClientMeta:
+    return ClientMeta([f"c{i}" for i in range(n)], torch.tensor(examples or [1.0] * n))
+
+
+def _gaussian(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("snr_db", [0.0, 10.0, 20.0])
+def test_awgn_mse_matches_noise_variance(snr_db):
+    x = _gaussian(2, 1_000_000) * 0.03
+    y, report = build_channel("awgn", {"snr_db": snr_db}, 1).transmit(x, _meta(2))
+    expected = x.pow(2).mean(dim=1) * 10 ** (-snr_db / 10)
+    assert torch.allclose(report.mse, expected, rtol=0.05)
+    assert torch.allclose(report.mse, (y - x).pow(2).mean(dim=1))
+    assert torch.allclose(report.snr_db, torch.full((2,), snr_db), atol=0.25)
+
+
+def test_awgn_noiseless_is_identity_and_odd_lengths_round_trip():
+    x = _gaussian(3, 1001)
+    y, report = build_channel("awgn", {"snr_db": float("inf")}, 0).transmit(x, _meta(3))
+    assert torch.allclose(y, x, atol=1e-6) and y.shape == x.shape
+    assert torch.all(report.symbols == 501)
+
+
+def test_rayleigh_zero_forcing_matches_conditional_closed_form():
+    snr_db, size = 10.0, 2000
+    x = _gaussian(2, 400_000)
+    ch = build_channel("rayleigh", {"snr_db": snr_db, "equalizer": "zf", "packet_size": size}, 3)
+    y, report = ch.transmit(x, _meta(2))
+    gains = report.extra["gain_power"]  # |h|^2 per client and packet
+    # Per packet: MSE = E_packet[x^2] / (SNR |h|^2); packets hold 2 * size reals.
+    packet_power = x.view(2, -1, 2 * size).pow(2).mean(dim=2)
+    expected = (packet_power / (10 ** (snr_db / 10) * gains)).mean(dim=1)
+    assert torch.allclose(report.mse, expected, rtol=0.05)
+
+
+def test_rayleigh_gains_are_unit_power_and_mmse_beats_zf():
+    x = _gaussian(4, 200_000)
+    zf = build_channel("rayleigh", {"snr_db": 5.0, "equalizer": "zf", "packet_size": 64}, 7).transmit(x, _meta(4))[1]
+    mmse = build_channel("rayleigh", {"snr_db": 5.0, "equalizer": "mmse", "packet_size": 64}, 7).transmit(x, _meta(4))[1]
+    assert abs(float(zf.extra["gain_power"].mean()) - 1.0) < 0.05  # E|h|^2 = 1 over 6252 packets
+    assert torch.all(mmse.mse < zf.mse)
+    assert torch.all(mmse.mse < 1.0)  # LMMSE never does worse than sending nothing
+
+
+def test_imperfect_csi_costs_accuracy_and_path_loss_lowers_snr():
+    x = _gaussian(2, 200_000)
+    perfect = build_channel("rayleigh", {"snr_db": 20.0}, 5).transmit(x, _meta(2))[1]
+    noisy_csi = build_channel("rayleigh", {"snr_db": 20.0, "csi_error_var": 0.1}, 5).transmit(x, _meta(2))[1]
+    assert torch.all(noisy_csi.mse > 1.5 * perfect.mse)
+    near = build_channel("awgn", {"snr_db": 20.0, "path_loss_exponent": 3.0, "distance_m": 1.0}, 5).transmit(x, _meta(2))[1]
+    far = build_channel("awgn", {"snr_db": 20.0, "path_loss_exponent": 3.0, "distance_m": 2.0}, 5).transmit(x, _meta(2))[1]
+    assert torch.allclose(far.snr_db, near.snr_db - 30 * math.log10(2), atol=0.3)
+
+
+def test_rician_with_strong_line_of_sight_approaches_awgn():
+    x = _gaussian(2, 200_000)
+    rician = build_channel("rician", {"snr_db": 10.0, "k_factor": 1000.0, "equalizer": "zf"}, 2).transmit(x, _meta(2))[1]
+    assert torch.allclose(rician.mse, x.pow(2).mean(1) / 10, rtol=0.1)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_erasure_loss_rate_within_three_sigma(p):
+    x = _gaussian(4, 1_000_000)
+    y, report = build_channel("erasure", {"p": p, "packet_size": 100}, 11).transmit(x, _meta(4))
+    packets = 4 * 10_000
+    sigma = math.sqrt(p * (1 - p) / packets)
+    assert abs(report.extra["loss_rate"] - p) < 3 * sigma
+    zeroed = (y == 0).float().mean()
+    assert abs(float(zeroed) - report.extra["loss_rate"]) < 1e-3
+    assert not report.dropped.any()
+
+
+def test_erasure_client_mode_drops_whole_clients():
+    x = _gaussian(2000, 10)
+    y, report = build_channel("erasure", {"p": 0.25, "mode": "client"}, 0).transmit(x, _meta(2000))
+    rate = float(report.dropped.float().mean())
+    assert abs(rate - 0.25) < 3 * math.sqrt(0.25 * 0.75 / 2000)
+    assert torch.equal(y[~report.dropped], x[~report.dropped])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_quantize_is_unbiased_with_bounded_variance(bits):
+    x = _gaussian(1, 1000)
+    ch = build_channel("quantize", {"bits": bits}, 0)
+    trials = torch.stack([ch.transmit(x, _meta(1))[0] for _ in range(400)])
+    step = float((x.max() - x.min()) / (2**bits - 1))
+    mean_err = (trials.mean(0) - x).abs().max()
+    assert mean_err < 4 * (step / 2) / math.sqrt(400) + 1e-6  # unbiased: the mean converges to x
+    assert float(trials.var(0).max()) <= step**2 / 4 * 1.15
+    levels = torch.unique(trials)
+    assert len(levels) <= 2**bits
+
+
+def test_quantize_bits_are_counted_and_topk_keeps_the_largest():
+    x = _gaussian(2, 10_000)
+    _, dense = build_channel("quantize", {"bits": 4}, 0).transmit(x, _meta(2))
+    assert torch.all(dense.bits == 10_000 * 4 + 64)
+    y, sparse = build_channel("quantize", {"bits": 8, "topk": 0.01}, 0).transmit(x, _meta(2))
+    assert torch.all(sparse.bits == 100 * (8 + 14) + 64)
+    assert int((y[0] != 0).sum()) <= 100
+    top = x[0].abs().topk(100).indices
+    assert set(torch.nonzero(y[0]).flatten().tolist()) <= set(top.tolist())
+
+
+def _mimo_setup(seed: int = 0, users: int = 3):
+    ch = MimoMacChannel(MimoMacChannel.Params(), seed)
+    h, g = ch.draw(users)
+    p = [10 ** 0.5 / 8] * users
+    return ch, h, g, p, 10 ** -0.3, 1000.0
+
+
+def test_worst_case_jammer_beats_isotropic_and_respects_power():
+    for seed in range(3):
+        _, h, g, p, sigma2, budget = _mimo_setup(seed)
+        q = worst_case_jammer(h, p, g, sigma2, budget, steps=200)
+        iso = budget / g.shape[1] * torch.eye(g.shape[1], dtype=CDTYPE)
+        assert float(torch.trace(q).real) <= budget * (1 + 1e-6)
+        assert float(torch.linalg.eigvalsh(q).min()) >= -1e-6 * budget
+        worst = float(sum_rate(h, p, noise_covariance(g, q, sigma2)))
+        isotropic = float(sum_rate(h, p, noise_covariance(g, iso, sigma2)))
+        assert worst < isotropic
+
+
+def test_project_power_is_a_projection():
+    a = torch.randn(6, 6, dtype=CDTYPE, generator=torch.Generator().manual_seed(0))
+    q = project_power(a @ a.conj().T, 2.0)
+    assert abs(float(torch.trace(q).real) - 2.0) < 1e-9
+    assert torch.allclose(project_power(q, 2.0), q, atol=1e-9)
+
+
+def test_strongest_user_jammer_hits_the_user_with_the_largest_gain():
+    ch, h, g, p, sigma2, budget = _mimo_setup(4)
+    q, target = strongest_user_jammer(h, g, budget)
+    gains = [float(torch.linalg.matrix_norm(hk).real) for hk in h]
+    assert target == max(range(3), key=gains.__getitem__)
+    iso = budget / g.shape[1] * torch.eye(g.shape[1], dtype=CDTYPE)
+    err_target = [float(torch.diagonal(e).real.mean()) for e in ch.error_covariances(h, p, noise_covariance(g, q, sigma2))]
+    err_iso = [float(torch.diagonal(e).real.mean()) for e in ch.error_covariances(h, p, noise_covariance(g, iso, sigma2))]
+    ratios = [a / b for a, b in zip(err_target, err_iso)]
+    assert max(range(3), key=ratios.__getitem__) == target
+
+
+def test_mimo_mac_received_error_follows_the_lmmse_covariance():
+    x = _gaussian(3, 400_000)
+    y, report = build_channel("mimo_mac", {"jammer": "isotropic", "jammer_power_db": 10.0}, 0).transmit(x, _meta(3))
+    # The payload is scaled to the stream power p_k, so relative error = E_k diagonal / p_k.
+    assert torch.allclose(report.mse / x.pow(2).mean(1), report.extra["relative_mse"].float(), rtol=0.05)
+    none = build_channel("mimo_mac", {"jammer": "none"}, 0).transmit(x, _meta(3))[1]
+    assert torch.all(none.mse < report.mse)
+
+
+def test_ota_noiseless_sum_is_the_weighted_sum():
+    x = _gaussian(3, 10_001)
+    w = [1.0, 2.0, 5.0]
+    y, report = build_channel("ota", {"snr_db": float("inf"), "truncation_threshold": 0.0}, 0).transmit(x, _meta(3, w))
+    target = (torch.tensor(w).view(3, 1) / 8 * x).sum(0, keepdim=True)
+    assert report.aggregated and y.shape == (1, 10_001)
+    assert torch.allclose(y, target, atol=1e-5)
+    noisy = build_channel("ota", {"snr_db": 10.0, "packet_size": 64}, 0).transmit(x, _meta(3, w))[1]
+    assert float(noisy.mse[0]) > 0 and noisy.extra["truncated_fraction"] > 0
+
+
+def test_compose_chains_stages_and_counts_digital_bits():
+    x = _gaussian(2, 50_000)
+    y, report = build_channel("compose", {"chain": [{"kind": "quantize", "bits": 8}, {"kind": "awgn", "snr_db": 30.0}]},
+                              0).transmit(x, _meta(2))
+    assert torch.all(report.bits == 50_000 * 8 + 64)
+    q_only = build_channel("quantize", {"bits": 8}, 0).transmit(x, _meta(2))[1]
+    assert torch.all(report.mse > q_only.mse)
+    with pytest.raises(ValueError, match="last stage"):
+        build_channel("compose", {"chain": [{"kind": "ota"}, {"kind": "awgn"}]}, 0)
+
+
+@pytest.mark.parametrize("kind", sorted(set(CHANNELS.names()) - {"compose"}))
+def test_every_channel_is_seeded_and_rejects_bad_input(kind):
+    x = _gaussian(3, 4096)
+    a = build_channel(kind, {}, 5).transmit(x, _meta(3))[0]
+    b = build_channel(kind, {}, 5).transmit(x, _meta(3))[0]
+    assert torch.equal(a, b)
+    bad = x.clone()
+    bad[1, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        build_channel(kind, {}, 5).transmit(bad, _meta(3))
+
+
+@pytest.mark.parametrize(
+    "kind, params, key",
+    [
+        ("erasure", {"p": 1.5}, "channel.p"),
+        ("erasure", {"p": -0.1}, "channel.p"),
+        ("quantize", {"bits": 0}, "channel.bits"),
+        ("awgn", {"distance_m": -1.0}, "channel.distance_m"),
+        ("rayleigh", {"csi_error_var": -0.5}, "channel.csi_error_var"),
+        ("rician", {"k_factor": -1}, "channel.k_factor"),
+        ("mimo_mac", {"nt": 0}, "channel.nt"),
+        ("awgn", {"snr": 3}, "channel.snr"),
+    ],
+)
+def test_bad_parameters_name_the_key(kind, params, key):
+    with pytest.raises(ValueError, match=key):
+        build_channel(kind, params, 0)
