@@ -122,9 +122,9 @@ def measured_report(sent: torch.Tensor, received: torch.Tensor, bits: torch.Tens
                     dropped: torch.Tensor | None = None, symbols: torch.Tensor | None = None,
                     **extra: Any) -> ChannelReport:
     """MSE and effective SNR measured from what was sent and what arrived, per client."""
-    n = sent.shape[0]
-    err = (received - sent).pow(2).mean(dim=1)
-    power = sent.pow(2).mean(dim=1)
+    n, d = sent.shape
+    err = torch.linalg.vector_norm(received - sent, dim=1).pow(2) / max(d, 1)
+    power = torch.linalg.vector_norm(sent, dim=1).pow(2) / max(d, 1)
     snr = torch.where(err > 0, 10 * torch.log10(power.clamp_min(1e-30) / err.clamp_min(1e-30)),
                       torch.full_like(err, float("inf")))
     return ChannelReport(mse=err, snr_db=snr, bits=bits.to(torch.float64),

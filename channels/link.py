@@ -1,9 +1,12 @@
 """A point-to-point uplink shared by ``awgn``, ``rayleigh`` and ``rician``.
 
 Each client's reals are packed in pairs into complex symbols and cut into packets of
-``packet_size`` symbols. Power normalisation is **per client and per packet**: every packet is
-scaled to the transmit power P (so the receiver must know one scale factor per packet, the
-usual analog-FL side information), sees one block-fading gain h, and gets circular Gaussian
+``packet_size`` symbols. Power normalisation is per client and, by default, **per packet**:
+every packet is scaled to the transmit power P (the receiver must know one scale factor per
+packet, the usual analog-FL side information), so small-valued packets keep their relative
+accuracy. With ``power_normalisation: payload`` one factor scales the client's whole payload,
+so packets of small values (e.g. LoRA A deltas next to a head's) drown in noise set by the
+payload's average power. Each packet sees one block-fading gain h and gets circular Gaussian
 noise CN(0, sigma^2) with sigma^2 = P / SNR; ``snr_db`` is thus the SNR of a unit-gain link at
 the 1 m reference distance, and fading and path loss lower the received SNR from there.
 The receiver equalises with its channel estimate (perfect, or with error variance
@@ -24,7 +27,9 @@ from channels.base import ChannelParams, ClientMeta, complex_noise, db_to_linear
 
 class LinkParams(ChannelParams):
     snr_db: float = Field(10.0, description="SNR (dB) of a unit-gain link; .inf for noiseless")
-    packet_size: PositiveInt | None = Field(4096, description="symbols per packet (power normalisation and fading block)")
+    packet_size: PositiveInt | None = Field(4096, description="symbols per packet (fading block)")
+    power_normalisation: Literal["packet", "payload"] = Field(
+        "packet", description="scale each packet, or the client's whole payload at once, to the transmit power")
     tx_power_db: float = 0.0
     path_loss_exponent: NonNegativeFloat = 0.0
     distance_m: float | tuple[float, float] = Field(
@@ -61,30 +66,44 @@ def path_gains(params: LinkParams, ids: list[str], seed: int) -> torch.Tensor:
 def transmit_link(symbols: torch.Tensor, params: LinkParams, meta: ClientMeta, generator: torch.Generator,
                   seed: int, gains: torch.Tensor | None = None, equalizer: str = "zf",
                   csi_error_var: float = 0.0) -> torch.Tensor:
-    """Send (n, m) complex symbols through per-packet gains ``gains`` (n, blocks); returns estimates."""
+    """Send (n, m) complex symbols through per-packet gains ``gains`` (n, blocks); returns estimates.
+
+    Per packet, with u = alpha s sent, y = g u + sigma z received and equaliser weight w, the
+    estimate is s_hat = w y / alpha = (w g) s + (w sigma / alpha) z: two per-packet complex
+    coefficients, so the payload is touched in a few fused passes however the link is set up.
+    """
     n, m = symbols.shape
     blocks, size = packets(m, params.packet_size)
-    padded = torch.zeros(n, blocks * size, dtype=symbols.dtype)
-    padded[:, :m] = symbols
-    s = padded.view(n, blocks, size)
-    power = db_to_linear(params.tx_power_db) * meta.power().to(torch.float32).view(n, 1, 1)
-    packet_power = s.abs().pow(2).mean(dim=2, keepdim=True)
-    alpha = torch.where(packet_power > 0, torch.sqrt(power / packet_power.clamp_min(1e-30)), torch.ones_like(packet_power))
-    u = alpha * s
-    beta = path_gains(params, meta.ids, seed).view(n, 1, 1)
-    h = gains.view(n, blocks, 1) if gains is not None else torch.ones(n, blocks, 1, dtype=torch.complex64)
+    tx_power = db_to_linear(params.tx_power_db)
+    power = tx_power * meta.power().to(torch.float32).view(n, 1)
+    beta = path_gains(params, meta.ids, seed).view(n, 1)
+    h = gains.view(n, blocks) if gains is not None else torch.ones(n, blocks, dtype=torch.complex64)
     g = torch.sqrt(beta) * h
     snr = db_to_linear(params.snr_db)
-    sigma2 = (db_to_linear(params.tx_power_db) / snr) if math.isfinite(snr) else 0.0
-    y = g * u
-    if sigma2 > 0:
-        y = y + math.sqrt(sigma2) * complex_noise(tuple(y.shape), generator)
+    sigma2 = tx_power / snr if math.isfinite(snr) else 0.0
     g_hat = g
     if csi_error_var > 0:
-        g_hat = g + torch.sqrt(beta * csi_error_var) * complex_noise((n, blocks, 1), generator)
+        g_hat = g + torch.sqrt(beta * csi_error_var) * complex_noise((n, blocks), generator)
     if equalizer == "zf":
-        u_hat = y / g_hat
-    else:  # LMMSE: P g* y / (P |g|^2 + sigma^2 + P beta csi_var)
-        denom = power * g_hat.abs().pow(2) + sigma2 + power * beta * csi_error_var
-        u_hat = power * g_hat.conj() * y / denom
-    return (u_hat / alpha).reshape(n, -1)[:, :m]
+        w = 1 / g_hat
+    else:  # LMMSE: P g* / (P |g|^2 + sigma^2 + P beta csi_var)
+        w = power * g_hat.conj() / (power * g_hat.abs().pow(2) + sigma2 + power * beta * csi_error_var)
+    full = (m // size) * size
+    out = torch.empty_like(symbols)
+    payload_power = torch.linalg.vector_norm(torch.view_as_real(symbols), dim=(1, 2)).pow(2).view(n, 1) / max(m, 1)
+    for lo, hi in ((0, full), (full, m)):
+        if hi <= lo:
+            continue
+        k = (hi - lo) // size if hi - lo >= size else 1
+        part = symbols[:, lo:hi].reshape(n, k, -1)
+        b = slice(lo // size, lo // size + k)
+        packet_power = part.abs().pow(2).mean(dim=2) if params.power_normalisation == "packet" else payload_power
+        alpha = torch.where(packet_power > 0, torch.sqrt(power / packet_power.clamp_min(1e-30)),
+                            torch.ones_like(packet_power))
+        signal_coef = (w[:, b] * g[:, b]).unsqueeze(2)
+        est = part * signal_coef
+        if sigma2 > 0:
+            noise_coef = (w[:, b] * math.sqrt(sigma2) / alpha).unsqueeze(2)
+            est.add_(complex_noise(tuple(part.shape), generator).mul_(noise_coef))
+        out[:, lo:hi] = est.reshape(n, -1)
+    return out

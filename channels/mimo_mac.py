@@ -157,14 +157,15 @@ class MimoMacChannel(Channel):
         uses = -(-m // prm.nt)
         out = torch.empty_like(symbols)
         for k in range(n):
-            s = torch.zeros(uses * prm.nt, dtype=symbols.dtype)
-            s[:m] = symbols[k]
-            power = s.abs().pow(2).sum() / m if m else torch.tensor(0.0)
-            alpha = math.sqrt(p[k] / float(power)) if power > 0 else 1.0
+            row = symbols[k]
+            if uses * prm.nt != m:
+                row = torch.cat([row, row.new_zeros(uses * prm.nt - m)])
+            power = float(torch.linalg.vector_norm(torch.view_as_real(symbols[k])) ** 2) / max(m, 1)
+            alpha = math.sqrt(p[k] / power) if power > 0 else 1.0
             chol = torch.linalg.cholesky(errs[k] + 1e-12 * torch.eye(prm.nt, dtype=CDTYPE)).to(symbols.dtype)
             z = torch.randn((uses, prm.nt), dtype=symbols.dtype, generator=self.generator)
             noise = (z @ chol.T).reshape(-1)[:m]
-            out[k] = symbols[k] + noise / alpha
+            torch.add(symbols[k], noise, alpha=1 / alpha, out=out[k])
         received = from_symbols(out, d)
         rel_mse = torch.tensor([float(torch.diagonal(e).real.mean()) / pk for e, pk in zip(errs, p)])
         gains = torch.tensor([float(torch.linalg.matrix_norm(hk).real ** 2) for hk in h])

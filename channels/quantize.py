@@ -29,10 +29,9 @@ def stochastic_quantize(x: torch.Tensor, bits: int, generator: torch.Generator) 
     hi = x.max(dim=1, keepdim=True).values
     levels = 2**bits - 1
     step = ((hi - lo) / levels).clamp_min(1e-30)
-    t = (x - lo) / step
-    floor = t.floor()
-    up = torch.rand(x.shape, generator=generator) < (t - floor)
-    return torch.where(hi > lo, lo + (floor + up) * step, x)
+    # floor(t + U), U ~ Uniform[0, 1), rounds t up with probability frac(t): unbiased.
+    q = (x - lo).div_(step).add_(torch.rand(x.shape, generator=generator)).floor_().mul_(step).add_(lo)
+    return torch.where(hi > lo, q, x)
 
 
 @CHANNELS.register("quantize")

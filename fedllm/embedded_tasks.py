@@ -23,28 +23,42 @@ _SUBJECTS = [
 _POSITIVE = [
     "great", "wonderful", "excellent", "delightful", "fantastic", "superb", "lovely", "brilliant",
     "enjoyable", "impressive", "charming", "pleasant", "amazing", "outstanding", "satisfying",
+    "terrific", "marvelous", "splendid", "fabulous", "memorable", "refreshing", "stunning", "solid", "fun",
 ]
 _NEGATIVE = [
     "terrible", "awful", "boring", "disappointing", "horrible", "dreadful", "poor", "annoying",
     "mediocre", "unpleasant", "dull", "frustrating", "painful", "lousy", "bland",
+    "tedious", "awkward", "shoddy", "miserable", "forgettable", "clumsy", "pathetic", "weak", "sloppy",
 ]
+
+
+def _vocab(words: list[str], split: str) -> list[str]:
+    """Train and test draw their judgement words from disjoint halves of each list, so a test
+    score measures generalisation to unseen words (pretrained knowledge), not memorisation."""
+    return words[0::2] if split == "train" else words[1::2]
 _FILLER = ["honestly", "overall", "to be fair", "in the end", "as expected", "this time", "", "", ""]
 
 
-def _sentiment(rng: random.Random) -> Example:
-    label = rng.randrange(2)
+def _clause(rng: random.Random, positive: bool, split: str) -> str:
+    """A short judgement of a random subject; a quarter are negated opposites ("not awful")."""
     subject = rng.choice(_SUBJECTS)
     negate = rng.random() < 0.25
-    # A negated opposite-polarity word carries the label: "not awful" is mildly positive.
-    words = _NEGATIVE if (label == 1) == negate else _POSITIVE
+    words = _vocab(_NEGATIVE if positive == negate else _POSITIVE, split)
     adj = ("not " if negate else "") + rng.choice(words)
     template = rng.choice([
-        "the {s} was {a}", "{f} the {s} was {a}", "i found the {s} {a}", "what a {a} {s}",
-        "the {s} felt {a} {f}", "my friends said the {s} is {a}", "{f} i think this {s} is {a}",
+        "the {s} was {a}", "i found the {s} {a}", "the {s} felt {a}", "my friends said the {s} is {a}",
+        "i think this {s} is {a}", "the {s} seemed {a} {f}",
     ])
-    if negate and template.startswith("what a"):
-        template = "the {s} was {a}"
-    return " ".join(template.format(s=subject, a=adj, f=rng.choice(_FILLER)).split()), label
+    return " ".join(template.format(s=subject, a=adj, f=rng.choice(_FILLER)).split())
+
+
+def _sentiment(rng: random.Random, split: str) -> Example:
+    """Polarity of a review; in contrastive reviews ("A, but B") the clause after "but" decides."""
+    label = rng.randrange(2)
+    if rng.random() < 0.4:
+        first = _clause(rng, positive=label == 0, split=split)
+        return f"{first} but {_clause(rng, positive=label == 1, split=split)}", label
+    return f"{rng.choice(_FILLER)} {_clause(rng, positive=label == 1, split=split)}".strip(), label
 
 
 _TOPICS = {
@@ -65,7 +79,7 @@ _TOPIC_NAMES = list(_TOPICS)
 _TOPIC_FRAMES = ["{x}", "reports say {x}", "{x} on monday", "yesterday {x}", "people said {x}", "{x} again"]
 
 
-def _topic(rng: random.Random) -> Example:
+def _topic(rng: random.Random, split: str) -> Example:
     label = rng.randrange(len(_TOPIC_NAMES))
     clause = rng.choice(_TOPICS[_TOPIC_NAMES[label]])
     return rng.choice(_TOPIC_FRAMES).format(x=clause), label
@@ -87,7 +101,7 @@ _OBJECTS = ["the old bridge", "the museum", "the first telephone", "this novel",
 _QUESTION_FRAMES = ["{q}?", "can you tell me {q}?", "i wonder {q}", "do you know {q}?", "quick question: {q}?"]
 
 
-def _question(rng: random.Random) -> Example:
+def _question(rng: random.Random, split: str) -> Example:
     label = rng.randrange(len(_QUESTION_NAMES))
     q = rng.choice(_QUESTIONS[_QUESTION_NAMES[label]]).format(o=rng.choice(_OBJECTS))
     return rng.choice(_QUESTION_FRAMES).format(q=q), label
@@ -96,12 +110,12 @@ def _question(rng: random.Random) -> Example:
 @dataclass(frozen=True)
 class EmbeddedTask:
     labels: tuple[str, ...]
-    make: Callable[[random.Random], Example]
+    make: Callable[[random.Random, str], Example]
     description: str
 
 
 EMBEDDED_TASKS: dict[str, EmbeddedTask] = {
-    "sentiment": EmbeddedTask(("negative", "positive"), _sentiment, "review polarity with negations"),
+    "sentiment": EmbeddedTask(("negative", "positive"), _sentiment, "review polarity with negations and contrast ('A but B')"),
     "topic": EmbeddedTask(tuple(_TOPIC_NAMES), _topic, "news-like topic of a sentence"),
     "question": EmbeddedTask(tuple(_QUESTION_NAMES), _question, "expected answer type of a question"),
 }
@@ -111,4 +125,4 @@ def generate(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     """``n`` examples of an embedded task; the same (task, split, n, seed) gives the same list."""
     spec = EMBEDDED_TASKS[task]
     rng = random.Random(f"fedllm-{task}-{split}-{seed}")
-    return [spec.make(rng) for _ in range(n)]
+    return [spec.make(rng, split) for _ in range(n)]

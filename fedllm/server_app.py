@@ -14,18 +14,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from channels import ClientMeta, build_channel
-from fedllm.config import ExperimentConfig, load_config
+from channels import build_channel
+from fedllm.aggregation import aggregate
+from fedllm.config import ConfigError, ExperimentConfig, load_config
 from fedllm.data import load_suite
 from fedllm.metrics import evaluate_tasks
 from fedllm.models import build_bundle
 from fedllm.payload import ClientUpdate, RejectedReply, parse_reply, round_content
 from fedllm.results import ResultsWriter
-from fedllm.vectors import Layout, add, set_tensors, unflatten
+from fedllm.vectors import Layout, set_tensors
 from strategies import FUSION_RULES
 
 log = logging.getLogger("fedllm")
@@ -37,9 +37,12 @@ def resolve_experiment_path(path: str) -> Path | None:
     if not path:
         return None
     p = Path(path).expanduser()
-    if p.is_absolute() or p.is_file():
-        return p
-    return APP_DIR / p
+    for candidate in (p, APP_DIR / p):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(f.relative_to(APP_DIR).as_posix() for f in (APP_DIR / "experiments").glob("*.yaml"))
+    raise ConfigError(f"experiment file not found: {path} (looked in {Path.cwd()} and {APP_DIR}); "
+                      f"shipped experiments: {', '.join(shipped) or 'none'}")
 
 
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
@@ -122,18 +125,11 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
                  f"{cfg.strategy.min_clients}")
             record["skipped"] = True
         else:
-            batch = torch.stack([u.delta for u in updates])
-            weights = torch.tensor([float(u.num_examples) for u in updates])
-            meta = ClientMeta(ids=[str(u.node_id) for u in updates], num_examples=weights)
-            received, report = channel.transmit(batch, meta)
-            keep = ~report.dropped
-            if report.aggregated:  # over-the-air: the channel already delivered the weighted mean
-                global_params = add(global_params, unflatten(received[0], layout), cfg.strategy.server_lr)
-            elif keep.any():
-                fused = fuse(received[keep], weights[keep])
-                global_params = add(global_params, unflatten(fused, layout), cfg.strategy.server_lr)
-            record.update(report.summary())
-            record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / float(weights.sum())
+            global_params, channel_record = aggregate(global_params, updates, layout, channel, fuse,
+                                                      cfg.strategy.server_lr)
+            record.update(channel_record)
+            examples = sum(u.num_examples for u in updates)
+            record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             record.update(evaluate())
         record["round_time"] = time.monotonic() - t0

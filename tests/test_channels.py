@@ -24,7 +24,7 @@ def test_awgn_mse_matches_noise_variance(snr_db):
     y, report = build_channel("awgn", {"snr_db": snr_db}, 1).transmit(x, _meta(2))
     expected = x.pow(2).mean(dim=1) * 10 ** (-snr_db / 10)
     assert torch.allclose(report.mse, expected, rtol=0.05)
-    assert torch.allclose(report.mse, (y - x).pow(2).mean(dim=1))
+    assert torch.allclose(report.mse, (y - x).pow(2).mean(dim=1), rtol=1e-4)
     assert torch.allclose(report.snr_db, torch.full((2,), snr_db), atol=0.25)
 
 
@@ -213,3 +213,17 @@ def test_every_channel_is_seeded_and_rejects_bad_input(kind):
 def test_bad_parameters_name_the_key(kind, params, key):
     with pytest.raises(ValueError, match=key):
         build_channel(kind, params, 0)
+
+
+def test_payload_normalisation_drowns_small_packets_packet_normalisation_does_not():
+    x = torch.cat([_gaussian(1, 8192, 1), _gaussian(1, 8192, 2) * 1e-3], dim=1)  # a loud and a quiet half
+    common = {"snr_db": 10.0, "packet_size": 4096}
+    per_packet = build_channel("awgn", {**common, "power_normalisation": "packet"}, 0).transmit(x, _meta(1))[0]
+    per_payload = build_channel("awgn", {**common, "power_normalisation": "payload"}, 0).transmit(x, _meta(1))[0]
+    quiet = slice(8192, None)
+
+    def rel(y):
+        return float((y[0, quiet] - x[0, quiet]).pow(2).mean() / x[0, quiet].pow(2).mean())
+
+    assert abs(rel(per_packet) - 0.1) < 0.02  # every packet at its own 10 dB
+    assert rel(per_payload) > 1000  # the quiet half sits 60 dB below the payload's power

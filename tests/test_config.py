@@ -95,3 +95,14 @@ def test_json_round_trip_and_digest():
     again = config_from_json(cfg.to_json())
     assert again == cfg and again.digest() == cfg.digest()
     assert load_config(None, "rounds=5").digest() != cfg.digest()
+
+
+def test_experiment_paths_resolve_against_the_app_folder(tmp_path, monkeypatch):
+    from fedllm.server_app import config_from_run_config
+
+    monkeypatch.chdir(tmp_path)  # not the project folder: relative paths fall back to the app folder
+    cfg = config_from_run_config({"experiment": "experiments/fedavg_lora.yaml", "overrides": "rounds=2"})
+    assert cfg.rounds == 2 and cfg.model.name == "minilm"
+    with pytest.raises(ConfigError, match=r"experiment file not found: experiments/nope.yaml .*fedavg_lora.yaml"):
+        config_from_run_config({"experiment": "experiments/nope.yaml"})
+    assert config_from_run_config({"experiment": "", "overrides": ""}).rounds == 3
