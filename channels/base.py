@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from fedllm.registry import Registry
+from fedllm.registry import Registry, validate_params
 
 
 class ChannelParams(BaseModel):
@@ -134,17 +134,7 @@ def measured_report(sent: torch.Tensor, received: torch.Tensor, bits: torch.Tens
 
 def validate_channel_params(kind: str, params: Mapping[str, Any]) -> ChannelParams:
     """Validate a channel's parameters, raising ValueError that names the bad key."""
-    cls = CHANNELS.get(kind)
-    try:
-        return cls.Params(**params)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"])
-            allowed = ", ".join(cls.Params.model_fields) or "(none)"
-            hint = f" (allowed keys for {kind!r}: {allowed})" if e["type"] == "extra_forbidden" else ""
-            lines.append(f"channel.{key}: {e['msg']}{hint}")
-        raise ValueError("; ".join(lines)) from None
+    return validate_params(CHANNELS.get(kind).Params, params, "channel", kind)  # type: ignore[return-value]
 
 
 def build_channel(kind: str, params: Mapping[str, Any], seed: int) -> Channel:

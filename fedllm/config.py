@@ -117,20 +117,36 @@ class ClientSection(_Section):
         return value
 
 
-class StrategySection(_Section):
+class StrategySection(BaseModel):
+    """``name`` picks the fusion rule; keys other than the common ones are that rule's parameters."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_clients: PositiveInt = 1
-    server_lr: PositiveFloat = 1.0
+    # Scale of the fused delta: global += server_lr * fused (lambda of task arithmetic); "auto"
+    # picks the value of lr_grid with the best validation accuracy, each round.
+    server_lr: PositiveFloat | Literal["auto"] = 1.0
+    lr_grid: list[PositiveFloat] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], min_length=1)
     round_timeout: PositiveFloat | None = Field(600.0, description="seconds to wait for replies")
 
     @field_validator("name")
     @classmethod
-    def _known_rule(cls, value: str) -> str:
+    def _known_name(cls, value: str) -> str:
         from strategies import FUSION_RULES
 
         FUSION_RULES.get(value)
         return value
+
+    @model_validator(mode="after")
+    def _known_rule(self) -> "StrategySection":
+        from strategies import validate_rule_params
+
+        validate_rule_params(self.name, self.params())
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class ChannelSection(BaseModel):
@@ -138,6 +154,14 @@ class ChannelSection(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     kind: str = "ideal"
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from channels import CHANNELS
+
+        CHANNELS.get(value)
+        return value
 
     @model_validator(mode="after")
     def _known_channel(self) -> "ChannelSection":

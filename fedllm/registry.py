@@ -7,8 +7,10 @@ typo stops the run before any training, with the allowed names in the message.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T")
 
@@ -49,3 +51,19 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def validate_params(params_model: type[BaseModel], params: Mapping[str, Any], section: str, name: str) -> BaseModel:
+    """Validate a component's YAML parameters; the error names ``section.key`` and the allowed keys."""
+    try:
+        return params_model(**params)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                allowed = ", ".join(params_model.model_fields) or "(none)"
+                msg = f"unknown key (allowed keys for {name!r}: {allowed})"
+            lines.append(f"{section}.{key}: {msg}")
+        raise ValueError("; ".join(lines)) from None

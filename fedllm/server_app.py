@@ -26,7 +26,7 @@ from fedllm.models import build_bundle
 from fedllm.payload import ClientUpdate, RejectedReply, parse_reply, round_content
 from fedllm.results import ResultsWriter
 from fedllm.vectors import Layout, set_tensors
-from strategies import FUSION_RULES
+from strategies import build_rule
 
 log = logging.getLogger("fedllm")
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
     layout = Layout.of(global_params)
     payload_bytes = layout.numel * 4
     channel = build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
-    fuse = FUSION_RULES.get(cfg.strategy.name)
+    fuse = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
     writer = ResultsWriter(cfg)
     rng = random.Random(cfg.seed)
     config_json = cfg.to_json()

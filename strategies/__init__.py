@@ -4,7 +4,9 @@
 the one :class:`fedllm.server_round.RoundRunner` wires any of them to any channel.
 """
 
-from strategies.base import FUSION_RULES, FusionRule
-from strategies import fedavg as _fedavg  # noqa: F401  (registers "fedavg")
+from strategies.base import FUSION_RULES, FusionRule, build_rule, validate_rule_params
 
-__all__ = ["FUSION_RULES", "FusionRule"]
+# Each import registers its rules by name.
+from strategies import fedavg, merging, robust  # noqa: F401,E402
+
+__all__ = ["FUSION_RULES", "FusionRule", "build_rule", "validate_rule_params"]

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from strategies.base import FUSION_RULES
+from strategies.base import FUSION_RULES, FusionRule, weighted_mean
 
 
 @FUSION_RULES.register("fedavg")
-def fedavg(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    if deltas.ndim != 2 or weights.shape != (deltas.shape[0],):
-        raise ValueError(
-            f"fedavg needs deltas (clients x d) and weights (clients,), got "
-            f"{tuple(deltas.shape)} and {tuple(weights.shape)}"
-        )
-    total = weights.sum()
-    if total <= 0:
-        raise ValueError("fedavg needs a positive total weight (number of examples)")
-    w = (weights / total).to(deltas.dtype)
-    return w @ deltas
+class FedAvg(FusionRule):
+    def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return weighted_mean(deltas, weights)

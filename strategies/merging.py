@@ -1,0 +1,62 @@
+"""Model-merging rules on task vectors (one client = one task).
+
+- ``task_arithmetic`` (Ilharco et al. 2023): the sum of the task vectors; the server scales it by
+  lambda (``strategy.server_lr``, ``auto`` picks it on the validation split).
+- ``ties`` (Yadav et al. 2023): trim each vector to its top ``k`` fraction of magnitudes, elect a
+  sign per coordinate (sign of the summed trimmed values), average the values that agree with it.
+- ``dare`` (Yu et al. 2024): drop each value with probability ``p`` and rescale the survivors by
+  1 / (1 - p), which keeps every vector's expectation, then sum.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from strategies.base import FUSION_RULES, FusionRule, RuleParams
+
+
+@FUSION_RULES.register("task_arithmetic")
+class TaskArithmetic(FusionRule):
+    def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return deltas.sum(dim=0)
+
+
+class TiesParams(RuleParams):
+    k: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector's entries kept")
+
+
+def trim_top_k(deltas: torch.Tensor, k: float) -> torch.Tensor:
+    """Keep each row's ``k`` fraction of largest-magnitude entries, zero the rest."""
+    d = deltas.shape[1]
+    keep = max(1, int(round(k * d)))
+    if keep >= d:
+        return deltas.clone()
+    threshold = deltas.abs().kthvalue(d - keep + 1, dim=1, keepdim=True).values
+    return torch.where(deltas.abs() >= threshold, deltas, torch.zeros_like(deltas))
+
+
+@FUSION_RULES.register("ties")
+class Ties(FusionRule):
+    Params = TiesParams
+
+    def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        trimmed = trim_top_k(deltas, self.params.k)
+        sign = torch.sign(trimmed.sum(dim=0))
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        count = agree.sum(dim=0).clamp_min(1)
+        return (trimmed * agree).sum(dim=0) / count
+
+
+class DareParams(RuleParams):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
+
+
+@FUSION_RULES.register("dare")
+class Dare(FusionRule):
+    Params = DareParams
+
+    def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        p = self.params.p
+        keep = torch.rand(deltas.shape, generator=self.generator) >= p
+        return (deltas * keep).sum(dim=0) / (1 - p)

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from strategies import build_rule
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    deltas = torch.tensor([[1.0, 0.0, 2.0], [3.0, 4.0, -2.0], [0.0, 8.0, 0.0]])
+    weights = torch.tensor([1.0, 3.0, 4.0])
+    fused = build_rule("fedavg", {})(deltas, weights)
+    expected = torch.tensor([(1 + 9 + 0) / 8, (0 + 12 + 32) / 8, (2 - 6 + 0) / 8])
+    assert torch.allclose(fused, expected)
+
+
+def test_fedavg_equal_weights_is_plain_mean_and_single_client_is_identity():
+    deltas = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(build_rule("fedavg", {})(deltas, torch.ones(5)), deltas.mean(0), atol=1e-6)
+    assert torch.allclose(build_rule("fedavg", {})(deltas[:1], torch.tensor([9.0])), deltas[0])
+
+
+def test_fedavg_rejects_bad_shapes_and_zero_weight():
+    fedavg = build_rule("fedavg", {})
+    with pytest.raises(ValueError, match="clients x d"):
+        fedavg(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="positive total weight"):
+        fedavg(torch.zeros(2, 3), torch.zeros(2))
+
+
+def test_task_arithmetic_sums_the_task_vectors():
+    deltas = torch.tensor([[1.0, -2.0], [0.5, 4.0], [0.0, 1.0]])
+    assert torch.equal(build_rule("task_arithmetic", {})(deltas, torch.tensor([1.0, 5.0, 9.0])), torch.tensor([1.5, 3.0]))
+
+
+def test_ties_trims_elects_and_takes_the_disjoint_mean():
+    deltas = torch.tensor([
+        [0.9, -0.1, 0.5, 0.0, -0.8],
+        [0.6, 0.7, -0.2, 0.05, -0.1],
+        [-0.3, 0.8, 0.4, 0.0, 0.9],
+    ])
+    # k = 0.6 keeps 3 of 5 per row: row0 {0.9, 0.5, -0.8}, row1 {0.6, 0.7, -0.2}, row2 {0.8, 0.4, 0.9}
+    # elected signs from sums: [+1.5, +1.5, +0.7, 0, +0.1]; disjoint means of agreeing entries:
+    expected = torch.tensor([(0.9 + 0.6) / 2, (0.7 + 0.8) / 2, (0.5 + 0.4) / 2, 0.0, 0.9])
+    fused = build_rule("ties", {"k": 0.6})(deltas, torch.ones(3))
+    assert torch.allclose(fused, expected)
+
+
+def test_dare_rescaling_keeps_the_expectation():
+    deltas = torch.randn(3, 200_000, generator=torch.Generator().manual_seed(0))
+    rule = build_rule("dare", {"p": 0.8}, seed=1)
+    fused = rule(deltas, torch.ones(3))
+    assert abs(float((fused != 0).float().mean()) - (1 - 0.8**3)) < 0.01
+    expected = deltas.sum(0)
+    # Unbiased: the error is zero-mean noise; its mean over 200k coordinates is near 0.
+    assert abs(float((fused - expected).mean())) < 0.02
+    assert torch.allclose(build_rule("dare", {"p": 0.0})(deltas, torch.ones(3)), expected)
+
+
+def test_median_and_trimmed_mean_ignore_outliers():
+    deltas = torch.tensor([[1.0, 2.0], [1.2, 2.2], [0.8, 1.8], [1.1, 2.1], [1000.0, -1000.0]])
+    w = torch.ones(5)
+    assert torch.allclose(build_rule("median", {})(deltas, w), torch.tensor([1.1, 2.0]))
+    assert torch.allclose(build_rule("median", {})(deltas[:4], w[:4]), torch.tensor([1.05, 2.05]))
+    assert torch.allclose(build_rule("trimmed_mean", {"trim_ratio": 0.2})(deltas, w), torch.tensor([1.1, (1.8 + 2.0 + 2.1) / 3]))
+
+
+def test_norm_clip_bounds_each_update():
+    deltas = torch.tensor([[3.0, 4.0], [0.6, 0.8], [300.0, 400.0]])
+    fused = build_rule("norm_clip", {"max_norm": 1.0})(deltas, torch.ones(3))
+    assert torch.allclose(fused, torch.tensor([0.6, 0.8]))
+    by_median = build_rule("norm_clip", {"median_multiple": 1.0})(deltas, torch.ones(3))  # median norm 5
+    assert torch.allclose(by_median, torch.tensor([(3 + 0.6 + 3) / 3, (4 + 0.8 + 4) / 3]))
+
+
+def test_rule_parameters_are_validated():
+    from fedllm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"strategy.k: .*less than or equal to 1"):
+        load_config(None, "strategy.name=ties strategy.k=2")
+    with pytest.raises(ConfigError, match=r"strategy.p: unknown key \(allowed keys for 'ties': k\)"):
+        load_config(None, "strategy.name=ties strategy.p=0.5")
+    assert load_config(None, "strategy.name=dare strategy.p=0.5").strategy.params() == {"p": 0.5}
