@@ -15,9 +15,9 @@ from fedllm.vectors import Layout, Tensors, add, unflatten
 from strategies import FusionRule
 
 
-def aggregate(global_params: Tensors, updates: list[ClientUpdate], layout: Layout, channel: Channel,
-              fuse: FusionRule, server_lr: float = 1.0) -> tuple[Tensors, dict[str, Any]]:
-    """New global parameters and the round's channel/fusion record (unchanged if all were lost)."""
+def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule
+                 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The fused delta of a round after the channel (``None`` if every payload was lost) and its record."""
     batch = torch.stack([u.delta for u in updates])
     weights = torch.tensor([float(u.num_examples) for u in updates])
     meta = ClientMeta(ids=[str(u.node_id) for u in updates], num_examples=weights)
@@ -30,6 +30,17 @@ def aggregate(global_params: Tensors, updates: list[ClientUpdate], layout: Layou
         fused = fuse(received[keep], weights[keep])
     else:
         record["all_lost"] = True
-        return global_params, record
+        return None, record
     record["update_norm"] = float(torch.linalg.vector_norm(fused))
-    return add(global_params, unflatten(fused, layout), server_lr), record
+    return fused, record
+
+
+def apply_update(global_params: Tensors, fused: torch.Tensor | None, layout: Layout, scale: float) -> Tensors:
+    return global_params if fused is None else add(global_params, unflatten(fused, layout), scale)
+
+
+def aggregate(global_params: Tensors, updates: list[ClientUpdate], layout: Layout, channel: Channel,
+              fuse: FusionRule, server_lr: float = 1.0) -> tuple[Tensors, dict[str, Any]]:
+    """New global parameters and the round's record (unchanged parameters if all were lost)."""
+    fused, record = fuse_updates(updates, channel, fuse)
+    return apply_update(global_params, fused, layout, server_lr), record

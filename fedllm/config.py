@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     PositiveInt,
+    NonNegativeInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -86,6 +87,9 @@ class DataSection(_Section):
     alpha: PositiveFloat = 0.5
     max_train_per_task: PositiveInt | None = 2000
     max_test_per_task: PositiveInt | None = 400
+    # Held out of each task's train split for server-side choices (lambda search, realignment);
+    # at most a fifth of the train split.
+    validation_per_task: NonNegativeInt = 100
     num_clients: PositiveInt | None = Field(
         None, description="clients to split the data into; default: the federation's num-supernodes"
     )

@@ -30,6 +30,7 @@ class TaskData:
     labels: list[str]
     train: list[tuple[str, int]]
     test: list[tuple[str, int]]
+    validation: list[tuple[str, int]] = field(default_factory=list)  # carved from train, server-side
 
 
 @dataclass
@@ -199,6 +200,10 @@ def load_task(spec: TaskSpec, section: DataSection, seed: int) -> TaskData:
         task = load_hf_task(spec)
     task.train = _cap(task.train, section.max_train_per_task, f"{spec.name}-train-{seed}")
     task.test = _cap(task.test, section.max_test_per_task, f"{spec.name}-test-{seed}")
+    n_val = min(section.validation_per_task, len(task.train) // 5)
+    val_idx = set(random.Random(f"{spec.name}-validation-{seed}").sample(range(len(task.train)), n_val))
+    task.validation = [row for i, row in enumerate(task.train) if i in val_idx]
+    task.train = [row for i, row in enumerate(task.train) if i not in val_idx]
     return task
 
 

@@ -18,7 +18,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from channels import build_channel
-from fedllm.aggregation import aggregate
+from fedllm.aggregation import apply_update, fuse_updates
 from fedllm.config import ConfigError, ExperimentConfig, load_config
 from fedllm.data import load_suite
 from fedllm.metrics import evaluate_tasks
@@ -71,6 +71,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
     """Run every round of ``cfg`` on the nodes of ``grid``; returns the results folder."""
     suite = load_suite(cfg.data, cfg.seed)
     test = suite.split("test")
+    validation = suite.split("validation")
     bundle = build_bundle(cfg, suite.num_labels)
     global_params = dict(bundle.initial_global)
     layout = Layout.of(global_params)
@@ -89,6 +90,18 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
             return {}
         set_tensors(bundle.model, global_params)
         return evaluate_tasks(bundle, bundle.model, suite, test, cfg.eval.batch_size, cfg.model.max_length)
+
+    def choose_scale(fused, grid: list[float]) -> tuple[float, dict[str, float]]:
+        """Lambda search (Ilharco et al.): the scale with the best mean validation accuracy."""
+        if fused is None or not len(validation):
+            return 1.0, {}
+        scores = {}
+        for lam in grid:
+            set_tensors(bundle.model, apply_update(global_params, fused, layout, lam))
+            scores[str(lam)] = evaluate_tasks(bundle, bundle.model, suite, validation, cfg.eval.batch_size,
+                                              cfg.model.max_length)["accuracy"]
+        best = max(grid, key=lambda lam: scores[str(lam)])
+        return best, scores
 
     scores = evaluate()
     writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
@@ -125,9 +138,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
                  f"{cfg.strategy.min_clients}")
             record["skipped"] = True
         else:
-            global_params, channel_record = aggregate(global_params, updates, layout, channel, fuse,
-                                                      cfg.strategy.server_lr)
+            fused, channel_record = fuse_updates(updates, channel, fuse)
             record.update(channel_record)
+            scale = cfg.strategy.server_lr
+            if scale == "auto":
+                scale, record["validation_by_lr"] = choose_scale(fused, cfg.strategy.lr_grid)
+            record["server_lr"] = scale
+            global_params = apply_update(global_params, fused, layout, scale)
             examples = sum(u.num_examples for u in updates)
             record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:

@@ -35,7 +35,7 @@ def test_only_the_global_group_leaves_the_client():
     assert sum(t.numel() for t in sent.values()) < 0.2 * sum(p.numel() for p in all_params.values())
     assert any(torch.count_nonzero(d) > 0 for d in sent.values())  # it trained
     metrics = reply.metric_records[METRICS]
-    assert metrics["num-examples"] == 200 and metrics["steps"] == 5
+    assert metrics["num-examples"] in (166, 167) and metrics["steps"] == 5  # (600 - 100 validation) / 3
 
 
 def test_local_group_stays_on_the_client_and_persists_across_rounds():
