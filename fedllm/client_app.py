@@ -36,7 +36,7 @@ def _prepare(content: RecordDict, context: Context) -> tuple[ExperimentConfig, M
     config = dict(content.config_records[CONFIG])
     cfg = config_from_json(str(config["experiment"]))
     suite = load_suite(cfg.data, cfg.seed)
-    bundle = cached_bundle(cfg, suite.num_labels)
+    bundle = cached_bundle(cfg, suite.label_names)
     partition_id, num_partitions = _partition(context, config)
     examples = client_examples(cfg.data, partition_id, num_partitions, cfg.seed)
     set_tensors(bundle.model, content.array_records[GLOBAL].to_torch_state_dict())
@@ -57,7 +57,9 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     if bundle.groups.local_names:
         context.state[LOCAL_STATE] = ArrayRecord(torch_state_dict=get_tensors(bundle.model, bundle.groups.local_names))
     delta = subtract(get_tensors(bundle.model, bundle.groups.global_names), before)
-    metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples)}
+    own_tasks = set(examples.tasks)
+    metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples),
+               "task": own_tasks.pop() if len(own_tasks) == 1 else -1}
     return reply_content(delta, metrics)
 
 

@@ -38,6 +38,11 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name: str = Field("minilm", description="'minilm' (embedded), 'tiny-bert', a HF id or a local path")
     max_length: PositiveInt = 64
+    # linear: a trained classification layer; label_embedding: a frozen head of label-name
+    # embeddings (cosine / temperature), see fedllm/heads.py.
+    head: Literal["linear", "label_embedding"] = "linear"
+    label_template: str = "{label}"
+    temperature: PositiveFloat = 0.05
 
 
 class PeftSection(_Section):
@@ -55,6 +60,8 @@ class PeftSection(_Section):
     # `local_patterns` stay on the client; every other tensor is frozen.
     global_patterns: list[str] = Field(default_factory=lambda: ["lora_", "adapter_", "classifier"])
     local_patterns: list[str] = Field(default_factory=list)
+    # Tensors that never train, hence are never sent (R-MTLLMF freezes the embeddings: "embeddings").
+    frozen_patterns: list[str] = Field(default_factory=list)
 
 
 class TaskSpec(_Section):
@@ -182,6 +189,9 @@ class EvalSection(_Section):
     every: PositiveInt = 1
     batch_size: PositiveInt = 64
     centralized: bool = True
+    # Multi-task fusion metrics (one task per client): each client's individual model is
+    # evaluated from its clean delta, giving normalised accuracy and the WD error.
+    fusion_metrics: bool = False
 
 
 class OutputSection(_Section):
@@ -200,6 +210,13 @@ class ExperimentConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     seed: int = 0
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _rmtllmf_freezes_something(self) -> "ExperimentConfig":
+        if self.strategy.name == "rmtllmf" and not self.peft.frozen_patterns:
+            raise ValueError("strategy 'rmtllmf' fine-tunes with the sensitive layers frozen so they are never sent: "
+                             "set peft.frozen_patterns (e.g. [embeddings])")
+        return self
 
     @model_validator(mode="after")
     def _ota_needs_fedavg(self) -> "ExperimentConfig":

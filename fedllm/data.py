@@ -68,6 +68,10 @@ class TaskSuite:
         return [(off, off + len(t.labels)) for off, t in zip(self.offsets, self.tasks)]
 
     @property
+    def label_names(self) -> list[str]:
+        return [label for t in self.tasks for label in t.labels]
+
+    @property
     def num_labels(self) -> int:
         return sum(len(t.labels) for t in self.tasks)
 

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 from transformers import logging as transformers_logging
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                          BertForSequenceClassification, BertModel)
 
 from fedllm.adapters import add_adapters
 from fedllm.config import ExperimentConfig
-from fedllm.vectors import ParameterGroups, Tensors, get_tensors, split_groups
+from fedllm.heads import LabelEmbeddingClassifier, embed_texts
+from fedllm.vectors import ParameterGroups, Tensors, get_tensors, matches, split_groups
 
 transformers_logging.set_verbosity_error()  # the load report of a fresh head is expected, not news
 transformers_logging.disable_progress_bar()
@@ -55,14 +57,10 @@ def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
     )
 
 
-def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
-    """The pretrained encoder with a fresh (seeded) classification head of ``num_labels``."""
-    torch.manual_seed(seed)
-    if name == TINY_BERT:
-        return BertForSequenceClassification(tiny_bert_config(load_tokenizer(name).vocab_size, num_labels))
+def _load(name: str, loader, **kwargs) -> torch.nn.Module:
     source = str(embedded_model_dir()) if name == MINILM else name
     try:
-        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        return loader(source, **kwargs)
     except OSError as exc:
         raise ValueError(
             f"model.name {name!r}: cannot load it offline ({exc}); use 'minilm', 'tiny-bert', "
@@ -70,30 +68,51 @@ def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
         ) from None
 
 
+def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
+    """The pretrained encoder with a fresh (seeded) linear classification head of ``num_labels``."""
+    torch.manual_seed(seed)
+    if name == TINY_BERT:
+        return BertForSequenceClassification(tiny_bert_config(load_tokenizer(name).vocab_size, num_labels))
+    return _load(name, AutoModelForSequenceClassification.from_pretrained, num_labels=num_labels)
+
+
+def build_label_embedding_model(cfg: ExperimentConfig, label_names: list[str], seed: int) -> torch.nn.Module:
+    """The pretrained encoder with a frozen head of its own embeddings of the label names."""
+    torch.manual_seed(seed)
+    name = cfg.model.name
+    if name == TINY_BERT:
+        encoder = BertModel(tiny_bert_config(load_tokenizer(name).vocab_size, 2), add_pooling_layer=False)
+    else:
+        encoder = _load(name, AutoModel.from_pretrained)
+    texts = [cfg.model.label_template.format(label=label) for label in label_names]
+    label_embeddings = embed_texts(encoder, load_tokenizer(name), texts)
+    return LabelEmbeddingClassifier(encoder, label_embeddings, cfg.model.temperature)
+
+
 def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> torch.nn.Module:
-    """Add adapters and/or LoRA and set what trains: the head always, the rest by ``peft.method``."""
+    """Add adapters and/or LoRA and set what trains: by ``peft.method``, minus ``frozen_patterns``."""
     torch.manual_seed(seed + 1)
     if cfg.peft.adapter_size:
         add_adapters(model, cfg.peft.adapter_targets, cfg.peft.adapter_size)
-    if cfg.peft.method == "full":
-        return model
     if cfg.peft.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
         lora = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=cfg.peft.r, lora_alpha=cfg.peft.alpha,
-            lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
+            task_type=TaskType.SEQ_CLS if cfg.model.head == "linear" else None, r=cfg.peft.r,
+            lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
         )
         try:
             model = get_peft_model(model, lora)  # freezes all but LoRA and the head
         except ValueError as exc:
             raise ValueError(f"peft.target_modules {cfg.peft.target_modules}: {exc}") from None
-    else:
+    elif cfg.peft.method == "none":
         for name, param in model.named_parameters():
             param.requires_grad_("classifier" in name)
     for name, param in model.named_parameters():
         if "adapter_down" in name or "adapter_up" in name:
             param.requires_grad_(True)
+        if matches(name, cfg.peft.frozen_patterns):
+            param.requires_grad_(False)
     return model
 
 
@@ -112,9 +131,13 @@ class ModelBundle:
         return sum(t.numel() * 4 for t in self.initial_global.values())
 
 
-def build_bundle(cfg: ExperimentConfig, num_labels: int) -> ModelBundle:
+def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
     device = pick_device()
-    model = wrap_peft(build_base_model(cfg.model.name, num_labels, cfg.seed), cfg, cfg.seed)
+    if cfg.model.head == "label_embedding":
+        base = build_label_embedding_model(cfg, label_names, cfg.seed)
+    else:
+        base = build_base_model(cfg.model.name, len(label_names), cfg.seed)
+    model = wrap_peft(base, cfg, cfg.seed)
     groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
     model.to(device)
     return ModelBundle(
@@ -127,16 +150,16 @@ def build_bundle(cfg: ExperimentConfig, num_labels: int) -> ModelBundle:
 _CACHE: dict[str, ModelBundle] = {}
 
 
-def cached_bundle(cfg: ExperimentConfig, num_labels: int) -> ModelBundle:
+def cached_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
     """One model per worker process and model-defining config, reused across rounds and clients.
 
     Loading MiniLM costs about a second; a Ray worker serves many rounds and virtual clients,
     and every trainable tensor is overwritten from the message or the client's state before use.
     """
-    key = "|".join([cfg.model.model_dump_json(), cfg.peft.model_dump_json(), str(num_labels), str(cfg.seed)])
+    key = "|".join([cfg.model.model_dump_json(), cfg.peft.model_dump_json(), repr(label_names), str(cfg.seed)])
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = build_bundle(cfg, num_labels)
+        _CACHE[key] = build_bundle(cfg, label_names)
     return _CACHE[key]
 
 

@@ -21,12 +21,14 @@ from channels import build_channel
 from fedllm.aggregation import apply_update, fuse_updates
 from fedllm.config import ConfigError, ExperimentConfig, load_config
 from fedllm.data import load_suite
-from fedllm.metrics import evaluate_tasks
+from fedllm.metrics import evaluate_tasks, fusion_metrics
+from fedllm.realign import few_shot_set, realign
 from fedllm.models import build_bundle
 from fedllm.payload import ClientUpdate, RejectedReply, parse_reply, round_content
 from fedllm.results import ResultsWriter
-from fedllm.vectors import Layout, set_tensors
+from fedllm.vectors import Layout, get_tensors, set_tensors
 from strategies import build_rule
+from strategies.merging import RMTLLMF
 
 log = logging.getLogger("fedllm")
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -72,7 +74,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
     suite = load_suite(cfg.data, cfg.seed)
     test = suite.split("test")
     validation = suite.split("validation")
-    bundle = build_bundle(cfg, suite.num_labels)
+    bundle = build_bundle(cfg, suite.label_names)
     global_params = dict(bundle.initial_global)
     layout = Layout.of(global_params)
     payload_bytes = layout.numel * 4
@@ -144,7 +146,20 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
             if scale == "auto":
                 scale, record["validation_by_lr"] = choose_scale(fused, cfg.strategy.lr_grid)
             record["server_lr"] = scale
+            before = global_params
             global_params = apply_update(global_params, fused, layout, scale)
+            if isinstance(fuse, RMTLLMF) and fuse.params.realign_steps > 0:
+                set_tensors(bundle.model, global_params)
+                shots = few_shot_set(validation, len(suite.tasks), fuse.params.shots, cfg.seed + rnd)
+                record["realign_loss_before"], record["realign_loss_after"] = realign(
+                    bundle, shots, suite, steps=fuse.params.realign_steps, lr=fuse.params.realign_lr,
+                    scope=fuse.params.realign_scope, max_length=cfg.model.max_length, seed=cfg.seed + rnd)
+                global_params = get_tensors(bundle.model, bundle.groups.global_names)
+            if cfg.eval.fusion_metrics:
+                individual = {int(u.metrics["task"]): apply_update(before, u.delta, layout, 1.0)
+                              for u in updates if u.metrics.get("task", -1) >= 0}
+                record.update(fusion_metrics(bundle, suite, test, global_params, individual,
+                                             cfg.eval.batch_size, cfg.model.max_length))
             examples = sum(u.num_examples for u in updates)
             record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:

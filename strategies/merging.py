@@ -6,9 +6,12 @@
   sign per coordinate (sign of the summed trimmed values), average the values that agree with it.
 - ``dare`` (Yu et al. 2024): drop each value with probability ``p`` and rescale the survivors by
   1 / (1 - p), which keeps every vector's expectation, then sum.
+- ``rmtllmf`` (Djuhera et al. 2024): task arithmetic plus few-shot realignment on the server.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -60,3 +63,19 @@ class Dare(FusionRule):
         p = self.params.p
         keep = torch.rand(deltas.shape, generator=self.generator) >= p
         return (deltas * keep).sum(dim=0) / (1 - p)
+
+
+class RMTLLMFParams(RuleParams):
+    shots: int = Field(5, ge=1, description="labelled examples per task for realignment")
+    realign_steps: int = Field(20, ge=0)
+    realign_lr: float = Field(1e-4, gt=0.0)
+    realign_scope: Literal["transmitted", "norms_biases"] = "transmitted"
+
+
+@FUSION_RULES.register("rmtllmf")
+class RMTLLMF(TaskArithmetic):
+    """R-MTLLMF (Djuhera et al. 2024): task arithmetic of task vectors fine-tuned with the sensitive
+    embedding layers frozen (``peft.frozen_patterns``, so they are never sent), followed by a
+    few-shot realignment of the merged model (the server runs :func:`fedllm.realign.realign`)."""
+
+    Params = RMTLLMFParams

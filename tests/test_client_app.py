@@ -20,7 +20,7 @@ def _context(partition_id: int = 0) -> Context:
 
 def _global(cfg):
     suite = load_suite(cfg.data, cfg.seed)
-    return build_bundle(cfg, suite.num_labels)
+    return build_bundle(cfg, suite.label_names)
 
 
 def test_only_the_global_group_leaves_the_client():

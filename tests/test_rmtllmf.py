@@ -1,0 +1,85 @@
+"""R-MTLLMF pieces: frozen label-embedding head, frozen embeddings never sent, WD error, realignment."""
+
+import json
+
+import pytest
+import torch
+from flwr.simulation import run_simulation
+
+from fedllm.client_app import app as client_app
+from fedllm.client_app import train_round
+from fedllm.config import ConfigError, load_config
+from fedllm.data import load_suite
+from fedllm.metrics import disagreement
+from fedllm.models import build_bundle
+from fedllm.payload import DELTA, METRICS, round_content
+from fedllm.realign import few_shot_loss, few_shot_set, realign
+from fedllm.results import read_metrics
+from fedllm.server_app import make_server_app
+from tests.test_client_app import _context
+
+TINY_FUSION = [
+    "model.name=tiny-bert", "model.max_length=32", "model.head=label_embedding", "model.temperature=0.1",
+    "peft.method=full", "peft.global_patterns=['*']", "peft.frozen_patterns=[embeddings]",
+    "data.tasks=[topic,question]", "data.partition=task", "data.max_train_per_task=300", "data.max_test_per_task=100",
+    "data.validation_per_task=50", "client.lr=0.003", "client.max_steps=30", "rounds=1",
+]
+
+
+def test_wd_error_is_zero_for_identical_and_one_for_disagreeing_models():
+    a = torch.tensor([0, 1, 2, 1, 0])
+    assert disagreement(a, a.clone()) == 0.0
+    assert disagreement(a, (a + 1) % 3) == 1.0
+    assert disagreement(a, torch.tensor([0, 1, 2, 0, 0])) == pytest.approx(0.2)
+
+
+def test_frozen_embeddings_are_never_sent_and_the_head_is_not_trained():
+    cfg = load_config(None, TINY_FUSION)
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle = build_bundle(cfg, suite.label_names)
+    assert not any("embeddings" in n for n in bundle.groups.global_names)
+    assert not any("label_embeddings" in n for n, _ in bundle.model.named_parameters())  # a buffer, not a parameter
+    reply = train_round(round_content(bundle.initial_global, cfg.to_json(), 1, 0), _context(0))
+    sent = reply.array_records[DELTA].to_torch_state_dict()
+    assert list(sent) == list(bundle.groups.global_names)
+    assert not any("embeddings" in n for n in sent)
+    assert reply.metric_records[METRICS]["task"] == 0  # client 0 owns task 0 under the task partition
+
+
+def test_rmtllmf_requires_frozen_layers():
+    with pytest.raises(ConfigError, match="peft.frozen_patterns"):
+        load_config(None, [o for o in TINY_FUSION if not o.startswith("peft.frozen")] + ["strategy.name=rmtllmf"])
+
+
+def test_realignment_lowers_the_few_shot_loss():
+    cfg = load_config(None, TINY_FUSION)
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle = build_bundle(cfg, suite.label_names)
+    shots = few_shot_set(suite.split("validation"), len(suite.tasks), 5, seed=0)
+    assert len(shots) == 10 and sorted(set(shots.tasks)) == [0, 1]
+    before, after = realign(bundle, shots, suite, steps=10, lr=1e-3, scope="transmitted", max_length=32, seed=0)
+    assert after < before
+    with torch.no_grad():
+        assert float(few_shot_loss(bundle, shots, suite, 32)) == pytest.approx(after)
+    norms_only = build_bundle(cfg, suite.label_names)
+    b2, a2 = realign(norms_only, shots, suite, steps=10, lr=1e-2, scope="norms_biases", max_length=32, seed=0)
+    assert a2 < b2
+
+
+@pytest.mark.slow
+def test_two_task_one_round_fusion_under_a_jammed_channel(tmp_path):
+    cfg = load_config(None, [*TINY_FUSION, "strategy.name=rmtllmf", "strategy.server_lr=auto",
+                             "strategy.lr_grid=[0.5,1.0]", "strategy.realign_steps=5", "eval.fusion_metrics=true",
+                             "channel.kind=mimo_mac", "channel.jammer=strongest_user", "channel.solver_steps=20",
+                             f"output.dir={tmp_path}"])
+    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+    run_dir = next(tmp_path.glob("*/*/summary.json")).parent
+    final = read_metrics(run_dir)[-1]
+    assert final["clients_used"] == 2 and final["server_lr"] in (0.5, 1.0)
+    assert final["channel_mse"] > 0 and set(final["validation_by_lr"]) == {"0.5", "1.0"}
+    assert final["realign_loss_after"] < final["realign_loss_before"]
+    for name in ("topic", "question"):
+        assert 0.0 <= final[f"wd_error/{name}"] <= 1.0
+        assert final[f"individual_accuracy/{name}"] > 0
+    assert "normalized_accuracy" in final and json.loads((run_dir / "summary.json").read_text())["rounds"] == 1
