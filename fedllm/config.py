@@ -290,10 +290,15 @@ def _split_items(text: str) -> list[str]:
     return items
 
 
+class _Replace(dict):
+    """An override whose value is a whole mapping: it replaces the section instead of merging into it."""
+
+
 def parse_overrides(overrides: str | list[str] | None) -> dict[str, Any]:
     """Parse ``"rounds=5 client.lr=0.001"`` (or a list of such items) into a nested dict.
 
-    Values are read as YAML scalars/lists, so ``5`` is an int and ``[a, b]`` a list.
+    Values are read as YAML, so ``5`` is an int and ``[a, b]`` a list; a mapping value
+    (``channel={kind: awgn, snr_db: 0}``) replaces the whole section rather than merging into it.
     """
     if not overrides:
         return {}
@@ -313,14 +318,16 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part!r} is not a section")
-        node[parts[-1]] = value
+        node[parts[-1]] = _Replace(value) if isinstance(value, dict) else value
     return nested
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, _Replace):
+            merged[key] = dict(value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value

@@ -106,3 +106,22 @@ def test_experiment_paths_resolve_against_the_app_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"experiment file not found: experiments/nope.yaml .*fedavg_lora.yaml"):
         config_from_run_config({"experiment": "experiments/nope.yaml"})
     assert config_from_run_config({"experiment": "", "overrides": ""}).rounds == 3
+
+
+def test_mapping_override_replaces_a_section_dotted_override_merges():
+    yaml_channel = {"channel": {"kind": "mimo_mac", "jammer": "isotropic"}}
+    from fedllm.config import config_from_dict
+
+    merged = config_from_dict(yaml_channel, "channel.jammer_power_db=10")
+    assert merged.channel.params() == {"jammer": "isotropic", "jammer_power_db": 10}
+    replaced = config_from_dict(yaml_channel, "channel={kind: awgn, snr_db: -20}")
+    assert replaced.channel.kind == "awgn" and replaced.channel.params() == {"snr_db": -20}
+    with pytest.raises(ConfigError, match=r"channel.jammer: unknown key \(allowed keys for 'awgn'"):
+        config_from_dict(yaml_channel, "channel.kind=awgn")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_is_valid(path):
+    cfg = load_config(path)
+    assert path.read_text().startswith("#"), "each experiment starts with a comment saying what it shows"
+    assert cfg.rounds >= 1
