@@ -29,22 +29,86 @@ def run(
     cpus_per_client: Annotated[float, typer.Option(help="CPU cores reserved per client")] = 1.0,
 ) -> None:
     """Run one experiment YAML in a local simulation with CLIENTS edge clients."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedllm.config import ConfigError, load_config
 
     try:
         cfg = load_config(experiment, set_ or [])
     except ConfigError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _fail(str(err))
+    simulate(cfg, cfg.data.num_clients or clients, cpus_per_client)
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def simulate(cfg, clients: int, cpus_per_client: float = 1.0) -> Path:
+    """One run through Flower's simulation engine; returns its results folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flwr.simulation import run_simulation
 
     from fedllm.client_app import app as client_app
     from fedllm.server_app import make_server_app
 
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=clients,
+    out: list[Path] = []
+    run_simulation(server_app=make_server_app(cfg, on_done=out.append), client_app=client_app,
+                   num_supernodes=clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client},
                                    "init_args": {"num_cpus": os.cpu_count() or 1}})
+    if not out:
+        raise RuntimeError("the simulation ended without finishing the run (see the log above)")
+    return out[0]
+
+
+@app.command(epilog="Examples: fedllm compare experiments/  |  fedllm compare a.yaml b.yaml --set rounds=1")
+def compare(
+    experiments: Annotated[list[Path], typer.Argument(help="experiment YAMLs and/or folders of them", exists=True)],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override applied to every run (repeatable)")] = None,
+    clients: Annotated[int, typer.Option(help="clients for runs whose data.num_clients is unset")] = 4,
+    rerun: Annotated[bool, typer.Option(help="run again even when finished results exist")] = False,
+    out: Annotated[Path | None, typer.Option(help="where the table and plots go")] = None,
+) -> None:
+    """Run what has no results yet (cached by config hash), then print and save a comparison."""
+    from fedllm.config import ConfigError
+    from fedllm.report import load_run, write_report
+    from fedllm.sweep import finished_run, plan
+
+    try:
+        runs = plan(list(experiments), set_ or [])
+    except ConfigError as err:
+        _fail(str(err))
+    typer.echo(f"fedllm compare: {len(runs)} runs")
+    folders = []
+    for i, planned in enumerate(runs, 1):
+        cached = None if rerun else finished_run(planned.config)
+        label = f"[{i}/{len(runs)}] {planned.source.name} {planned.overrides or ''}".rstrip()
+        if cached:
+            typer.echo(f"{label}: cached ({cached})")
+            folders.append(cached)
+        else:
+            typer.echo(f"{label}: running")
+            folders.append(simulate(planned.config, planned.config.data.num_clients or clients))
+    out = out or Path("results") / "compare" / runs[0].config.digest()
+    md, plots = write_report([load_run(f) for f in folders], out)
+    typer.echo(md)
+    typer.echo(f"table and {len(plots)} plots in {out}")
+
+
+@app.command(epilog="Example: fedllm report results/ --out results/report")
+def report(
+    results: Annotated[list[Path], typer.Argument(help="results folders (runs or parents of runs)", exists=True)],
+    out: Annotated[Path, typer.Option(help="where the table and plots go")] = Path("results/report"),
+) -> None:
+    """Re-render tables and plots from saved results, without training."""
+    from fedllm.report import find_runs, write_report
+
+    runs = find_runs(list(results))
+    if not runs:
+        _fail(f"no finished runs (folders with summary.json) under {', '.join(map(str, results))}")
+    md, plots = write_report(runs, out)
+    typer.echo(md)
+    typer.echo(f"table and {len(plots)} plots in {out}")
 
 
 def main() -> None:

@@ -183,13 +183,17 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
     return writer.dir
 
 
-def make_server_app(cfg: ExperimentConfig | None = None) -> ServerApp:
-    """A ServerApp for ``cfg``; ``None`` reads the experiment from the run config (``flwr run``)."""
+def make_server_app(cfg: ExperimentConfig | None = None,
+                    on_done: Callable[[Path], None] | None = None) -> ServerApp:
+    """A ServerApp for ``cfg``; ``None`` reads the experiment from the run config (``flwr run``).
+    ``on_done`` receives the results folder of a finished run."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_experiment(grid, cfg or config_from_run_config(context.run_config))
+        run_dir = run_experiment(grid, cfg or config_from_run_config(context.run_config))
+        if on_done is not None:
+            on_done(run_dir)
 
     return server_app
 

@@ -69,7 +69,7 @@ class RMTLLMFParams(RuleParams):
     shots: int = Field(5, ge=1, description="labelled examples per task for realignment")
     realign_steps: int = Field(20, ge=0)
     realign_lr: float = Field(1e-4, gt=0.0)
-    realign_scope: Literal["transmitted", "norms_biases"] = "transmitted"
+    realign_scope: Literal["transmitted", "norms_biases"] = "norms_biases"
 
 
 @FUSION_RULES.register("rmtllmf")

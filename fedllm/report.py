@@ -1,0 +1,240 @@
+"""Tables and plots from saved results folders (``fedllm compare`` / ``fedllm report``).
+
+Runs that differ only in ``seed`` form one row: mean ± std over seeds of the final accuracy,
+uplink bytes and wall time. Plots (PNG): accuracy vs round, accuracy vs cumulative uplink
+bytes, final accuracy vs channel SNR / jammer power (when runs vary it), and per-task bars.
+Everything is computed from ``config.yaml``, ``metrics.jsonl`` and ``summary.json`` alone, so a
+report can be re-rendered at any time without training.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedllm.results import read_metrics
+
+
+@dataclass
+class RunResult:
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        out = self.config.get("output", {}).get("name")
+        return out or f"{self.config['strategy']['name']}-{self.config['channel']['kind']}"
+
+    def group_key(self) -> str:
+        cfg = dict(self.config)
+        cfg.pop("seed", None)
+        cfg.pop("output", None)
+        return json.dumps(cfg, sort_keys=True)
+
+
+def load_run(path: Path) -> RunResult:
+    if not (path / "summary.json").is_file():
+        raise FileNotFoundError(f"{path} holds no finished run (no summary.json)")
+    return RunResult(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
+                     json.loads((path / "summary.json").read_text()))
+
+
+def find_runs(paths: list[Path]) -> list[RunResult]:
+    """Finished runs under the given folders (a run folder itself, or any parent of run folders)."""
+    found: dict[Path, RunResult] = {}
+    for p in paths:
+        for summary in ([p / "summary.json"] if (p / "summary.json").is_file() else sorted(p.rglob("summary.json"))):
+            found.setdefault(summary.parent.resolve(), load_run(summary.parent))
+    return list(found.values())
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _varying_keys(runs: list[RunResult]) -> list[str]:
+    """Dotted config keys (other than seed/output) whose values differ between runs."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+        out: dict[str, str] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+        return out
+
+    flats = [flat({k: v for k, v in r.config.items() if k not in ("seed", "output")}) for r in runs]
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if len({f.get(k) for f in flats}) > 1]
+
+
+def summarise(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """One row per configuration (seeds pooled), in first-seen order."""
+    groups: dict[str, list[RunResult]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        groups[r.group_key()].append(r)
+    varying = _varying_keys(runs)
+    rows = []
+    for members in groups.values():
+        first = members[0]
+        setting = "; ".join(f"{k}={_lookup(first.config, k)}" for k in varying) or first.label
+        acc = _mean_std([m.summary.get("final_accuracy") for m in members])
+        up = _mean_std([m.summary.get("total_bytes_up") for m in members])
+        wall = _mean_std([m.summary.get("wall_time") for m in members])
+        rows.append({
+            "run": first.label, "setting": setting, "seeds": len(members),
+            "final_accuracy": acc[0], "final_accuracy_std": acc[1],
+            "bytes_up": up[0], "wall_time_s": wall[0], "wall_time_std": wall[1],
+            "normalized_accuracy": _mean_std([m.records[-1].get("normalized_accuracy") for m in members])[0],
+        })
+    return rows
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _fmt(value: float, std: float | None = None, digits: int = 4) -> str:
+    if value != value:  # NaN
+        return "—"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| run | setting | seeds | final accuracy | normalised accuracy | uplink MB | wall time (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['setting']} | {r['seeds']} | {_fmt(r['final_accuracy'], r['final_accuracy_std'])} "
+                     f"| {_fmt(r['normalized_accuracy'])} | {r['bytes_up'] / 2**20:.1f} "
+                     f"| {_fmt(r['wall_time_s'], r['wall_time_std'], 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _series(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    out: dict[str, list[RunResult]] = defaultdict(list)
+    varying = [k for k in _varying_keys(runs)]
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        name = "; ".join(f"{k}={_lookup(r.config, k)}" for k in varying) or r.label
+        out[name].append(r)
+    return out
+
+
+def _mean_curve(members: list[RunResult], x_of) -> tuple[list[float], list[float]]:
+    points: dict[float, list[float]] = defaultdict(list)
+    for m in members:
+        for rec, x in zip(m.records, x_of(m)):
+            if rec.get("accuracy") is not None:
+                points[x].append(rec["accuracy"])
+    xs = sorted(points)
+    return xs, [statistics.fmean(points[x]) for x in xs]
+
+
+def _cumulative_bytes(run: RunResult) -> list[float]:
+    total, out = 0.0, []
+    for rec in run.records:
+        total += rec.get("bytes_up", 0) or 0
+        out.append(total / 2**20)
+    return out
+
+
+def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
+    """Write the comparison plots; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = _series(runs)
+    written = []
+    index: dict[str, list[str]] = {}
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        ax = fig.axes[0]
+        index[name] = [str(c.get_label()) for c in (ax.get_lines() or ax.containers)]
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    for name, x_of, xlabel in (("accuracy_vs_round.png", lambda m: [r["round"] for r in m.records], "round"),
+                               ("accuracy_vs_uplink.png", _cumulative_bytes, "cumulative uplink (MB)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for label, members in series.items():
+            xs, ys = _mean_curve(members, x_of)
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (mean over tasks)")
+        ax.legend(fontsize=7)
+        save(fig, name)
+
+    for key, xlabel in (("channel.snr_db", "channel SNR (dB)"), ("channel.jammer_power_db", "jammer power (dB)")):
+        if key not in _varying_keys(runs):
+            continue
+        by_rest: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        others = [k for k in _varying_keys(runs) if k != key]
+        for r in runs:
+            x = _lookup(r.config, key)
+            if x is None:  # e.g. an ideal-channel run has no SNR
+                continue
+            rest = "; ".join(f"{k}={_lookup(r.config, k)}" for k in others if k != "channel.kind") or r.label
+            by_rest[rest][float(x)].append(r.summary.get("final_accuracy"))
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for label, pts in by_rest.items():
+            xs = sorted(pts)
+            ax.plot(xs, [statistics.fmean(pts[x]) for x in xs], marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("final accuracy")
+        ax.legend(fontsize=7)
+        save(fig, f"accuracy_vs_{key.split('.')[-1]}.png")
+
+    task_names = sorted({k.split("/", 1)[1] for r in runs for k in r.summary if k.startswith("accuracy/")})
+    if task_names:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        width = 0.8 / max(1, len(series))
+        for i, (label, members) in enumerate(series.items()):
+            vals = [statistics.fmean([m.summary.get(f"accuracy/{t}", float("nan")) for m in members]) for t in task_names]
+            ax.bar([j + i * width for j in range(len(task_names))], vals, width=width, label=label)
+        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(task_names))], task_names)
+        ax.set_ylabel("final accuracy")
+        ax.legend(fontsize=7)
+        save(fig, "accuracy_per_task.png")
+    (out_dir / "plots.json").write_text(json.dumps(index, indent=2))  # plot -> its series, for readers and tests
+    return written
+
+
+def write_report(runs: list[RunResult], out_dir: Path) -> tuple[str, list[Path]]:
+    """Markdown + CSV table and plots into ``out_dir``; returns the Markdown and the plot paths."""
+    if not runs:
+        raise FileNotFoundError("no finished runs to report on")
+    rows = summarise(runs)
+    md = markdown_table(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(md)
+    (out_dir / "table.csv").write_text(csv_table(rows))
+    return md, plot_all(runs, out_dir)
