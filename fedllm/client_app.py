@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import TRAINERS, TrainContext
+from clients.faults import apply_fault
 from fedllm.config import ExperimentConfig, config_from_json
 from fedllm.data import Examples, client_examples, load_suite
 from fedllm.metrics import evaluate_tasks
@@ -60,6 +61,10 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     own_tasks = set(examples.tasks)
     metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples),
                "task": own_tasks.pop() if len(own_tasks) == 1 else -1}
+    partition_id, num_partitions = _partition(context, dict(content.config_records[CONFIG]))
+    for fault in cfg.client.faults:
+        if fault.hits(partition_id, num_partitions, cfg.seed):
+            delta = apply_fault(fault, delta, metrics, seed=ctx.seed)
     return reply_content(delta, metrics)
 
 

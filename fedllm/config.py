@@ -118,6 +118,8 @@ class ClientSection(_Section):
     local_epochs: PositiveInt = 1
     batch_size: PositiveInt = 16
     max_steps: PositiveInt | None = 20
+    # Injected misbehaviour (see clients/faults.py): [{kind: sign_flip, fraction: 0.2, scale: 1}, ...]
+    faults: list["FaultSpec"] = Field(default_factory=list)
 
     @field_validator("trainer")
     @classmethod
@@ -126,6 +128,11 @@ class ClientSection(_Section):
 
         TRAINERS.get(value)
         return value
+
+
+from clients.faults import FaultSpec  # noqa: E402  (pure pydantic; no import cycle)
+
+ClientSection.model_rebuild()
 
 
 class StrategySection(BaseModel):
@@ -140,6 +147,9 @@ class StrategySection(BaseModel):
     server_lr: PositiveFloat | Literal["auto"] = 1.0
     lr_grid: list[PositiveFloat] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], min_length=1)
     round_timeout: PositiveFloat | None = Field(600.0, description="seconds to wait for replies")
+    # A reply whose delta norm exceeds this multiple of the round's median norm is rejected
+    # (None: no check). Needs 3+ replies, so a median means something.
+    reject_norm_ratio: PositiveFloat | None = 100.0
 
     @field_validator("name")
     @classmethod

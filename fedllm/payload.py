@@ -74,3 +74,18 @@ def parse_reply(msg: Message, layout: Layout) -> ClientUpdate:
     if num_examples <= 0:
         raise RejectedReply(f"client {node}: reported {num_examples} examples")
     return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()})
+
+
+def reject_outlier_norms(updates: list[ClientUpdate], ratio: float | None) -> tuple[list[ClientUpdate], list[str]]:
+    """Drop updates whose norm exceeds ``ratio`` x the median norm of the round (3+ updates)."""
+    if ratio is None or len(updates) < 3:
+        return updates, []
+    norms = torch.stack([torch.linalg.vector_norm(u.delta) for u in updates])
+    bound = float(norms.median()) * ratio
+    kept, reasons = [], []
+    for u, norm in zip(updates, norms.tolist()):
+        if norm > bound:
+            reasons.append(f"client {u.node_id}: delta norm {norm:.3g} > {ratio:g} x median {bound / ratio:.3g}")
+        else:
+            kept.append(u)
+    return kept, reasons

@@ -24,7 +24,7 @@ from fedllm.data import load_suite
 from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.realign import few_shot_set, realign
 from fedllm.models import build_bundle
-from fedllm.payload import ClientUpdate, RejectedReply, parse_reply, round_content
+from fedllm.payload import ClientUpdate, RejectedReply, parse_reply, reject_outlier_norms, round_content
 from fedllm.results import ResultsWriter
 from fedllm.vectors import Layout, get_tensors, set_tensors
 from strategies import build_rule
@@ -126,7 +126,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
             except RejectedReply as why:
                 rejected.append(str(why))
                 log.warning("round %d: rejected reply: %s", rnd, why)
+        updates, outliers = reject_outlier_norms(updates, cfg.strategy.reject_norm_ratio)
+        for why in outliers:
+            log.warning("round %d: rejected reply: %s", rnd, why)
+        rejected += outliers
         missing = len(sampled) - len(replies)
+        if missing:
+            log.warning("round %d: %d of %d sampled clients did not reply within %ss", rnd, missing,
+                        len(sampled), cfg.strategy.round_timeout)
         bytes_down = payload_bytes * len(sampled)
         bytes_up = payload_bytes * len(replies)
         total_up += bytes_up
@@ -169,7 +176,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
         writer.log_round(record)
         echo(f"[round {rnd}/{cfg.rounds}] train_loss={record.get('train_loss', float('nan')):.4f} "
              f"accuracy={record.get('accuracy', float('nan')):.4f} clients={len(updates)}/{len(sampled)} "
-             f"up={_fmt_bytes(bytes_up)} ({_fmt_bytes(payload_bytes)}/client) down={_fmt_bytes(bytes_down)} "
+             + (f"rejected={len(rejected)} " if rejected else "") + (f"missing={missing} " if missing else "")
+             + f"up={_fmt_bytes(bytes_up)} ({_fmt_bytes(payload_bytes)}/client) down={_fmt_bytes(bytes_down)} "
              f"time={record['round_time']:.1f}s")
     final = writer.records[-1]
     summary = {"experiment": cfg.run_name(), "rounds": cfg.rounds, "final_accuracy": final.get("accuracy"),

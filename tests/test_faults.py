@@ -1,0 +1,76 @@
+"""Faulty clients in a real simulation: bad replies are rejected with reasons, the run goes on."""
+
+import pytest
+import torch
+from flwr.simulation import run_simulation
+
+from clients.faults import ClientCrash, FaultSpec, apply_fault
+from fedllm.client_app import app as client_app
+from fedllm.config import ConfigError, load_config
+from fedllm.payload import ClientUpdate, reject_outlier_norms
+from fedllm.results import read_metrics
+from fedllm.server_app import make_server_app
+
+FAULTS = ("client.faults=[{kind: nan, clients: [2]}, {kind: crash, clients: [3]}, "
+          "{kind: wrong_names, clients: [4]}, {kind: huge_norm, clients: [5]}]")
+
+
+def _simulate(cfg, clients):
+    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=clients,
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+
+
+def test_byzantine_faults_transform_the_delta():
+    delta = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([[3.0]])}
+    flipped = apply_fault(FaultSpec(kind="sign_flip", clients=[0], scale=2.0), delta, {}, seed=0)
+    assert torch.equal(flipped["a"], torch.tensor([-2.0, 4.0]))
+    rnd = apply_fault(FaultSpec(kind="random", clients=[0]), delta, {}, seed=0)
+    norm = lambda d: float(torch.sqrt(sum(t.pow(2).sum() for t in d.values())))  # noqa: E731
+    assert norm(rnd) == pytest.approx(norm(delta), rel=1e-5)
+    metrics = {"num-examples": 5}
+    apply_fault(FaultSpec(kind="no_examples", clients=[0]), delta, metrics, seed=0)
+    assert metrics["num-examples"] == 0
+    with pytest.raises(ClientCrash):
+        apply_fault(FaultSpec(kind="crash", clients=[0]), delta, {}, seed=0)
+
+
+def test_fault_fraction_is_seeded_and_config_is_validated():
+    spec = FaultSpec(kind="sign_flip", fraction=0.2)
+    hit = [p for p in range(10) if spec.hits(p, 10, seed=0)]
+    assert len(hit) == 2 and hit == [p for p in range(10) if spec.hits(p, 10, seed=0)]
+    with pytest.raises(ConfigError, match="give 'clients'"):
+        load_config(None, "client.faults=[{kind: nan}]")
+    with pytest.raises(ConfigError, match="client.faults.0.kind"):
+        load_config(None, "client.faults=[{kind: melt, clients: [1]}]")
+
+
+def test_outlier_norms_are_rejected_against_the_median():
+    ups = [ClientUpdate(i, torch.full((4,), v), 1, {}) for i, v in enumerate([1.0, 1.2, 0.9, 500.0])]
+    kept, reasons = reject_outlier_norms(ups, 100.0)
+    assert [u.node_id for u in kept] == [0, 1, 2]
+    assert len(reasons) == 1 and "client 3: delta norm" in reasons[0]
+    assert reject_outlier_norms(ups[:1] + ups[3:], 100.0)[0] == ups[:1] + ups[3:]  # fewer than 3: no median test
+
+
+@pytest.mark.slow
+def test_bad_clients_are_left_out_and_the_round_completes(tiny_overrides, tmp_path):
+    cfg = load_config(None, [*tiny_overrides, FAULTS, "strategy.min_clients=2", "client.local_epochs=5"])
+    _simulate(cfg, 6)
+    rounds = read_metrics(next((tmp_path / "results").glob("*/*")))
+    for rec in rounds[1:]:
+        assert rec["clients_sampled"] == 6 and rec["clients_used"] == 2 and not rec.get("skipped")
+        reasons = " | ".join(rec["rejected"])
+        assert "NaN/Inf" in reasons and "failed" in reasons and "parameter names do not match" in reasons
+        assert "delta norm" in reasons and len(rec["rejected"]) == 4
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1  # the honest clients still learn
+
+
+@pytest.mark.slow
+def test_too_few_good_replies_skip_the_round_without_crashing(tiny_overrides, tmp_path):
+    cfg = load_config(None, [*tiny_overrides, FAULTS, "strategy.min_clients=3", "rounds=1"])
+    _simulate(cfg, 6)
+    run_dir = next((tmp_path / "results").glob("*/*"))
+    rounds = read_metrics(run_dir)
+    assert rounds[1]["skipped"] and rounds[1]["clients_used"] == 2
+    assert rounds[1]["accuracy"] == rounds[0]["accuracy"]  # the global model did not move
+    assert (run_dir / "summary.json").is_file()
