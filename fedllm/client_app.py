@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import TRAINERS, TrainContext
-from clients.faults import apply_fault
+from fedllm.faults import apply_fault
 from fedllm.config import ExperimentConfig, config_from_json
 from fedllm.data import Examples, client_examples, load_suite
 from fedllm.metrics import evaluate_tasks

@@ -118,7 +118,7 @@ class ClientSection(_Section):
     local_epochs: PositiveInt = 1
     batch_size: PositiveInt = 16
     max_steps: PositiveInt | None = 20
-    # Injected misbehaviour (see clients/faults.py): [{kind: sign_flip, fraction: 0.2, scale: 1}, ...]
+    # Injected misbehaviour (see fedllm/faults.py): [{kind: sign_flip, fraction: 0.2, scale: 1}, ...]
     faults: list["FaultSpec"] = Field(default_factory=list)
 
     @field_validator("trainer")
@@ -130,7 +130,7 @@ class ClientSection(_Section):
         return value
 
 
-from clients.faults import FaultSpec  # noqa: E402  (pure pydantic; no import cycle)
+from fedllm.faults import FaultSpec  # noqa: E402  (pure pydantic; no import cycle)
 
 ClientSection.model_rebuild()
 

@@ -23,3 +23,14 @@ def test_run_rejects_a_bad_key_before_training():
 def test_run_rejects_a_missing_file(tmp_path):
     result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first in a fresh interpreter: catches import cycles that test order hides."""
+    import subprocess
+    import sys
+
+    modules = ["fedllm.config", "clients", "strategies", "channels", "fedllm.cli", "fedllm.client_app"]  # the entry points
+    for module in modules:
+        result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, f"import {module} failed:\n{result.stderr[-800:]}"

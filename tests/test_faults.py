@@ -4,7 +4,7 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
-from clients.faults import ClientCrash, FaultSpec, apply_fault
+from fedllm.faults import ClientCrash, FaultSpec, apply_fault
 from fedllm.client_app import app as client_app
 from fedllm.config import ConfigError, load_config
 from fedllm.payload import ClientUpdate, reject_outlier_norms
