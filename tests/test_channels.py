@@ -110,10 +110,18 @@ def test_quantize_bits_are_counted_and_topk_keeps_the_largest():
     _, dense = build_channel("quantize", {"bits": 4}, 0).transmit(x, _meta(2))
     assert torch.all(dense.bits == 10_000 * 4 + 64)
     y, sparse = build_channel("quantize", {"bits": 8, "topk": 0.01}, 0).transmit(x, _meta(2))
-    assert torch.all(sparse.bits == 100 * (8 + 14) + 64)
+    assert torch.all(sparse.bits == 100 * (8 + 14) + 64)  # small d: the exact threshold
     assert int((y[0] != 0).sum()) <= 100
     top = x[0].abs().topk(100).indices
     assert set(torch.nonzero(y[0]).flatten().tolist()) <= set(top.tolist())
+    big = _gaussian(2, 1_000_000)
+    yb, sampled = build_channel("quantize", {"bits": 8, "topk": 0.05}, 0).transmit(big, _meta(2))
+    kept = (yb != 0).sum(dim=1).double()
+    assert torch.all((kept - 50_000).abs() < 2_500)  # the sampled threshold keeps about k
+    assert torch.all(sampled.bits == kept * (8 + 20) + 64)
+    smallest_kept = big.abs().where(yb != 0, torch.tensor(float("inf"))).min(dim=1).values
+    largest_dropped = big.abs().where(yb == 0, torch.tensor(0.0)).max(dim=1).values
+    assert torch.all(smallest_kept >= largest_dropped * 0.999)  # what is kept is the largest
 
 
 def _mimo_setup(seed: int = 0, users: int = 3):
