@@ -17,10 +17,14 @@ from strategies import FusionRule
 
 def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule
                  ) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """The fused delta of a round after the channel (``None`` if every payload was lost) and its record."""
+    """The fused delta of a round after the channel (``None`` if every payload was lost) and its record.
+
+    Updates are put in client-id order first: replies arrive in any order, and the channel's
+    noise draws and the fusion's float sums must not depend on it (reproducible runs, resume)."""
+    updates = sorted(updates, key=lambda u: u.client_id)
     batch = torch.stack([u.delta for u in updates])
     weights = torch.tensor([float(u.num_examples) for u in updates])
-    meta = ClientMeta(ids=[str(u.node_id) for u in updates], num_examples=weights)
+    meta = ClientMeta(ids=[u.client_id for u in updates], num_examples=weights)
     received, report = channel.transmit(batch, meta)
     record: dict[str, Any] = report.summary()
     keep = ~report.dropped

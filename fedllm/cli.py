@@ -27,6 +27,8 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. client.lr=0.001 (repeatable)")] = None,
     clients: Annotated[int, typer.Option(help="number of simulated edge clients (SuperNodes)")] = 4,
     cpus_per_client: Annotated[float, typer.Option(help="CPU cores reserved per client")] = 1.0,
+    resume: Annotated[Path | None, typer.Option(help="results folder of an interrupted run of this config",
+                                                exists=True, file_okay=False)] = None,
 ) -> None:
     """Run one experiment YAML in a local simulation with CLIENTS edge clients."""
     from fedllm.config import ConfigError, load_config
@@ -35,7 +37,7 @@ def run(
         cfg = load_config(experiment, set_ or [])
     except ConfigError as err:
         _fail(str(err))
-    simulate(cfg, cfg.data.num_clients or clients, cpus_per_client)
+    simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume)
 
 
 def _fail(message: str) -> None:
@@ -43,7 +45,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def simulate(cfg, clients: int, cpus_per_client: float = 1.0) -> Path:
+def simulate(cfg, clients: int, cpus_per_client: float = 1.0, resume: Path | None = None) -> Path:
     """One run through Flower's simulation engine; returns its results folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flwr.simulation import run_simulation
@@ -52,7 +54,7 @@ def simulate(cfg, clients: int, cpus_per_client: float = 1.0) -> Path:
     from fedllm.server_app import make_server_app
 
     out: list[Path] = []
-    run_simulation(server_app=make_server_app(cfg, on_done=out.append), client_app=client_app,
+    run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume), client_app=client_app,
                    num_supernodes=clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client},
                                    "init_args": {"num_cpus": os.cpu_count() or 1}})

@@ -62,6 +62,7 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples),
                "task": own_tasks.pop() if len(own_tasks) == 1 else -1}
     partition_id, num_partitions = _partition(context, dict(content.config_records[CONFIG]))
+    metrics["partition"] = partition_id
     for fault in cfg.client.faults:
         if fault.hits(partition_id, num_partitions, cfg.seed):
             delta = apply_fault(fault, delta, metrics, seed=ctx.seed)

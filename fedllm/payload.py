@@ -42,6 +42,12 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
 
+    @property
+    def client_id(self) -> str:
+        """A name stable across runs: the data partition when known (node ids are drawn per run)."""
+        partition = self.metrics.get("partition")
+        return f"p{int(partition)}" if partition is not None else f"n{self.node_id}"
+
 
 class RejectedReply(ValueError):
     """A reply the server will not fuse; ``str()`` is the logged reason."""

@@ -31,7 +31,15 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 class ResultsWriter:
-    def __init__(self, cfg: ExperimentConfig, root: Path | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, root: Path | None = None, resume_dir: Path | None = None) -> None:
+        self.metrics_path: Path
+        if resume_dir is not None:
+            self.dir = Path(resume_dir)
+            if not (self.dir / CHECKPOINT).is_file():
+                raise FileNotFoundError(f"cannot resume {self.dir}: no {CHECKPOINT} (not a run folder?)")
+            self.metrics_path = self.dir / "metrics.jsonl"
+            self.records = read_metrics(self.dir) if self.metrics_path.is_file() else []
+            return
         base = Path(cfg.output.dir).expanduser()
         if not base.is_absolute():
             base = (root or Path.cwd()) / base
@@ -40,7 +48,13 @@ class ResultsWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.records: list[dict[str, Any]] = []
+        self.records = []
+
+    def truncate_after(self, last_round: int) -> None:
+        """Forget records past the checkpoint (a crash may have logged a round it did not save)."""
+        self.records = [r for r in self.records if r["round"] <= last_round]
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+        (self.dir / "summary.json").unlink(missing_ok=True)
 
     def log_round(self, record: dict[str, Any]) -> None:
         record = {k: _jsonable(v) for k, v in record.items()}
@@ -51,6 +65,20 @@ class ResultsWriter:
     def finish(self, global_params: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
         torch.save(global_params, self.dir / "global_params.pt")
         atomic_write(self.dir / "summary.json", json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Atomically replace the run's checkpoint: a crash leaves the previous one intact."""
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    return torch.load(run_dir / CHECKPOINT, weights_only=False)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

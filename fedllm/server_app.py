@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,7 +26,7 @@ from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.realign import few_shot_set, realign
 from fedllm.models import build_bundle
 from fedllm.payload import ClientUpdate, RejectedReply, parse_reply, reject_outlier_norms, round_content
-from fedllm.results import ResultsWriter
+from fedllm.results import ResultsWriter, load_checkpoint, save_checkpoint
 from fedllm.vectors import Layout, get_tensors, set_tensors
 from strategies import build_rule
 from strategies.merging import RMTLLMF
@@ -69,137 +70,197 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> Path:
-    """Run every round of ``cfg`` on the nodes of ``grid``; returns the results folder."""
-    suite = load_suite(cfg.data, cfg.seed)
-    test = suite.split("test")
-    validation = suite.split("validation")
-    bundle = build_bundle(cfg, suite.label_names)
-    global_params = dict(bundle.initial_global)
-    layout = Layout.of(global_params)
-    payload_bytes = layout.numel * 4
-    channel = build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
-    fuse = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
-    writer = ResultsWriter(cfg)
-    rng = random.Random(cfg.seed)
-    config_json = cfg.to_json()
-    echo(f"fedllm: {cfg.run_name()} | model {cfg.model.name} ({cfg.peft.method}) | tasks "
-         f"{[t.name for t in suite.tasks]} | {layout.numel:,} transmitted values ({_fmt_bytes(payload_bytes)}) "
-         f"| results in {writer.dir}")
+class FederatedRun:
+    """The server side of one experiment: state, one method per step of a round, checkpoints."""
 
-    def evaluate() -> dict[str, float]:
-        if not cfg.eval.centralized:
-            return {}
-        set_tensors(bundle.model, global_params)
-        return evaluate_tasks(bundle, bundle.model, suite, test, cfg.eval.batch_size, cfg.model.max_length)
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
+                 resume: Path | None = None) -> None:
+        self.grid, self.cfg, self.echo = grid, cfg, echo
+        self.suite = load_suite(cfg.data, cfg.seed)
+        self.test = self.suite.split("test")
+        self.validation = self.suite.split("validation")
+        self.bundle = build_bundle(cfg, self.suite.label_names)
+        self.global_params = dict(self.bundle.initial_global)
+        self.layout = Layout.of(self.global_params)
+        self.payload_bytes = self.layout.numel * 4
+        self.channel = build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
+        self.fuse = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.config_json = cfg.to_json()
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "elapsed": 0.0}
+        self.next_round = 1
+        self.writer = ResultsWriter(cfg, resume_dir=resume)
+        if resume is not None:
+            self._restore(resume)
 
-    def choose_scale(fused, grid: list[float]) -> tuple[float, dict[str, float]]:
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {"round": self.next_round - 1, "global_params": self.global_params, "totals": self.totals,
+                "sampler": self.rng.getstate(), "channel_rng": self.channel.generator.get_state(),
+                "rule_rng": self.fuse.generator.get_state(), "config_digest": self.cfg.digest()}
+
+    def _restore(self, run_dir: Path) -> None:
+        state = load_checkpoint(run_dir)
+        if state["config_digest"] != self.cfg.digest():
+            raise ConfigError(f"cannot resume {run_dir}: it was made by another config "
+                              f"(digest {state['config_digest']}, this one {self.cfg.digest()})")
+        self.global_params = state["global_params"]
+        self.totals = state["totals"]
+        self.rng.setstate(state["sampler"])
+        self.channel.generator.set_state(state["channel_rng"])
+        self.fuse.generator.set_state(state["rule_rng"])
+        self.next_round = state["round"] + 1
+        self.writer.truncate_after(state["round"])
+        self.echo(f"fedllm: resuming {run_dir} after round {state['round']}")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, examples=None) -> dict[str, float]:
+        set_tensors(self.bundle.model, self.global_params)
+        return evaluate_tasks(self.bundle, self.bundle.model, self.suite, self.test if examples is None else examples,
+                              self.cfg.eval.batch_size, self.cfg.model.max_length)
+
+    def choose_scale(self, fused: torch.Tensor | None) -> tuple[float, dict[str, float]]:
         """Lambda search (Ilharco et al.): the scale with the best mean validation accuracy."""
-        if fused is None or not len(validation):
+        if fused is None or not len(self.validation):
             return 1.0, {}
         scores = {}
-        for lam in grid:
-            set_tensors(bundle.model, apply_update(global_params, fused, layout, lam))
-            scores[str(lam)] = evaluate_tasks(bundle, bundle.model, suite, validation, cfg.eval.batch_size,
-                                              cfg.model.max_length)["accuracy"]
-        best = max(grid, key=lambda lam: scores[str(lam)])
-        return best, scores
+        for lam in self.cfg.strategy.lr_grid:
+            set_tensors(self.bundle.model, apply_update(self.global_params, fused, self.layout, lam))
+            scores[str(lam)] = evaluate_tasks(self.bundle, self.bundle.model, self.suite, self.validation,
+                                              self.cfg.eval.batch_size, self.cfg.model.max_length)["accuracy"]
+        return max(self.cfg.strategy.lr_grid, key=lambda lam: scores[str(lam)]), scores
 
-    scores = evaluate()
-    writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
-    echo(f"[round 0/{cfg.rounds}] accuracy={scores.get('accuracy', float('nan')):.4f} (before training)")
-    total_up = total_down = 0
-    start = time.monotonic()
-    for rnd in range(1, cfg.rounds + 1):
-        t0 = time.monotonic()
-        nodes = wait_for_nodes(grid, cfg.strategy.min_clients)
+    # ------------------------------------------------------------------ one round
+    def collect(self, rnd: int) -> tuple[list[int], list, list[ClientUpdate], list[str]]:
+        """Sample clients, send the global group, and check every reply."""
+        cfg = self.cfg
+        nodes = wait_for_nodes(self.grid, cfg.strategy.min_clients)
         k = max(cfg.strategy.min_clients, round(cfg.strategy.fraction_train * len(nodes)))
-        sampled = sorted(rng.sample(nodes, min(k, len(nodes))))
-        content = round_content(global_params, config_json, rnd, cfg.data.num_clients or 0)
+        sampled = sorted(self.rng.sample(nodes, min(k, len(nodes))))
+        content = round_content(self.global_params, self.config_json, rnd, cfg.data.num_clients or 0)
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
-        replies = list(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout))
+        replies = list(self.grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout))
         updates: list[ClientUpdate] = []
         rejected: list[str] = []
         for reply in replies:
             try:
-                updates.append(parse_reply(reply, layout))
+                updates.append(parse_reply(reply, self.layout))
             except RejectedReply as why:
                 rejected.append(str(why))
-                log.warning("round %d: rejected reply: %s", rnd, why)
         updates, outliers = reject_outlier_norms(updates, cfg.strategy.reject_norm_ratio)
-        for why in outliers:
-            log.warning("round %d: rejected reply: %s", rnd, why)
         rejected += outliers
-        missing = len(sampled) - len(replies)
-        if missing:
-            log.warning("round %d: %d of %d sampled clients did not reply within %ss", rnd, missing,
-                        len(sampled), cfg.strategy.round_timeout)
-        bytes_down = payload_bytes * len(sampled)
-        bytes_up = payload_bytes * len(replies)
-        total_up += bytes_up
-        total_down += bytes_down
+        for why in rejected:
+            log.warning("round %d: rejected reply: %s", rnd, why)
+        if len(replies) < len(sampled):
+            log.warning("round %d: %d of %d sampled clients did not reply within %ss", rnd,
+                        len(sampled) - len(replies), len(sampled), cfg.strategy.round_timeout)
+        return sampled, replies, updates, rejected
+
+    def update(self, rnd: int, updates: list[ClientUpdate]) -> dict:
+        """Channel, fusion, scale, optional realignment and fusion metrics; updates the global group."""
+        cfg = self.cfg
+        fused, record = fuse_updates(updates, self.channel, self.fuse)
+        scale = cfg.strategy.server_lr
+        if scale == "auto":
+            scale, record["validation_by_lr"] = self.choose_scale(fused)
+        record["server_lr"] = scale
+        before = self.global_params
+        self.global_params = apply_update(before, fused, self.layout, scale)
+        if isinstance(self.fuse, RMTLLMF) and self.fuse.params.realign_steps > 0:
+            prm = self.fuse.params
+            set_tensors(self.bundle.model, self.global_params)
+            shots = few_shot_set(self.validation, len(self.suite.tasks), prm.shots, cfg.seed + rnd)
+            record["realign_loss_before"], record["realign_loss_after"] = realign(
+                self.bundle, shots, self.suite, steps=prm.realign_steps, lr=prm.realign_lr,
+                scope=prm.realign_scope, max_length=cfg.model.max_length, seed=cfg.seed + rnd)
+            self.global_params = get_tensors(self.bundle.model, self.bundle.groups.global_names)
+        if cfg.eval.fusion_metrics:
+            individual = {int(u.metrics["task"]): apply_update(before, u.delta, self.layout, 1.0)
+                          for u in updates if u.metrics.get("task", -1) >= 0}
+            record.update(fusion_metrics(self.bundle, self.suite, self.test, self.global_params, individual,
+                                         cfg.eval.batch_size, cfg.model.max_length))
+        examples = sum(u.num_examples for u in updates)
+        record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
+        return record
+
+    def round(self, rnd: int) -> dict:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        sampled, replies, updates, rejected = self.collect(rnd)
         record: dict = {"round": rnd, "clients_sampled": len(sampled), "clients_replied": len(replies),
-                        "clients_used": len(updates), "clients_missing": missing, "rejected": rejected,
-                        "bytes_up": bytes_up, "bytes_down": bytes_down,
-                        "bytes_up_per_client": payload_bytes}
+                        "clients_used": len(updates), "clients_missing": len(sampled) - len(replies),
+                        "rejected": rejected, "bytes_up": self.payload_bytes * len(replies),
+                        "bytes_down": self.payload_bytes * len(sampled), "bytes_up_per_client": self.payload_bytes}
         if len(updates) < cfg.strategy.min_clients:
-            echo(f"[round {rnd}/{cfg.rounds}] skipped: {len(updates)} usable replies < strategy.min_clients="
-                 f"{cfg.strategy.min_clients}")
+            self.echo(f"[round {rnd}/{cfg.rounds}] skipped: {len(updates)} usable replies < strategy.min_clients="
+                      f"{cfg.strategy.min_clients}")
             record["skipped"] = True
         else:
-            fused, channel_record = fuse_updates(updates, channel, fuse)
-            record.update(channel_record)
-            scale = cfg.strategy.server_lr
-            if scale == "auto":
-                scale, record["validation_by_lr"] = choose_scale(fused, cfg.strategy.lr_grid)
-            record["server_lr"] = scale
-            before = global_params
-            global_params = apply_update(global_params, fused, layout, scale)
-            if isinstance(fuse, RMTLLMF) and fuse.params.realign_steps > 0:
-                set_tensors(bundle.model, global_params)
-                shots = few_shot_set(validation, len(suite.tasks), fuse.params.shots, cfg.seed + rnd)
-                record["realign_loss_before"], record["realign_loss_after"] = realign(
-                    bundle, shots, suite, steps=fuse.params.realign_steps, lr=fuse.params.realign_lr,
-                    scope=fuse.params.realign_scope, max_length=cfg.model.max_length, seed=cfg.seed + rnd)
-                global_params = get_tensors(bundle.model, bundle.groups.global_names)
-            if cfg.eval.fusion_metrics:
-                individual = {int(u.metrics["task"]): apply_update(before, u.delta, layout, 1.0)
-                              for u in updates if u.metrics.get("task", -1) >= 0}
-                record.update(fusion_metrics(bundle, suite, test, global_params, individual,
-                                             cfg.eval.batch_size, cfg.model.max_length))
-            examples = sum(u.num_examples for u in updates)
-            record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
-        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-            record.update(evaluate())
+            record.update(self.update(rnd, updates))
+        if cfg.eval.centralized and (rnd % cfg.eval.every == 0 or rnd == cfg.rounds):
+            record.update(self.evaluate())
+        self.totals["bytes_up"] += record["bytes_up"]
+        self.totals["bytes_down"] += record["bytes_down"]
         record["round_time"] = time.monotonic() - t0
-        record["wall_time"] = time.monotonic() - start
-        writer.log_round(record)
-        echo(f"[round {rnd}/{cfg.rounds}] train_loss={record.get('train_loss', float('nan')):.4f} "
-             f"accuracy={record.get('accuracy', float('nan')):.4f} clients={len(updates)}/{len(sampled)} "
-             + (f"rejected={len(rejected)} " if rejected else "") + (f"missing={missing} " if missing else "")
-             + f"up={_fmt_bytes(bytes_up)} ({_fmt_bytes(payload_bytes)}/client) down={_fmt_bytes(bytes_down)} "
-             f"time={record['round_time']:.1f}s")
-    final = writer.records[-1]
-    summary = {"experiment": cfg.run_name(), "rounds": cfg.rounds, "final_accuracy": final.get("accuracy"),
-               **{k: v for k, v in final.items() if k.startswith("accuracy/")},
-               "total_bytes_up": total_up, "total_bytes_down": total_down,
-               "bytes_up_per_client_per_round": payload_bytes, "wall_time": time.monotonic() - start,
-               "config_digest": cfg.digest()}
-    writer.finish(global_params, summary)
-    echo(f"fedllm: done in {summary['wall_time']:.1f}s, final accuracy {summary['final_accuracy']:.4f}, "
-         f"results in {writer.dir}")
-    return writer.dir
+        return record
+
+    def _echo_round(self, record: dict) -> None:
+        rejected, missing = len(record["rejected"]), record["clients_missing"]
+        self.echo(f"[round {record['round']}/{self.cfg.rounds}] train_loss={record.get('train_loss', float('nan')):.4f} "
+                  f"accuracy={record.get('accuracy', float('nan')):.4f} "
+                  f"clients={record['clients_used']}/{record['clients_sampled']} "
+                  + (f"rejected={rejected} " if rejected else "") + (f"missing={missing} " if missing else "")
+                  + f"up={_fmt_bytes(record['bytes_up'])} ({_fmt_bytes(self.payload_bytes)}/client) "
+                  f"down={_fmt_bytes(record['bytes_down'])} time={record['round_time']:.1f}s")
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self) -> Path:
+        cfg = self.cfg
+        self.echo(f"fedllm: {cfg.run_name()} | model {cfg.model.name} ({cfg.peft.method}) | tasks "
+                  f"{[t.name for t in self.suite.tasks]} | {self.layout.numel:,} transmitted values "
+                  f"({_fmt_bytes(self.payload_bytes)}) | results in {self.writer.dir}")
+        if self.next_round == 1:
+            scores = self.evaluate() if cfg.eval.centralized else {}
+            self.writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
+            self.echo(f"[round 0/{cfg.rounds}] accuracy={scores.get('accuracy', float('nan')):.4f} (before training)")
+            save_checkpoint(self.writer.dir, self._state())
+        start = time.monotonic() - self.totals["elapsed"]
+        for rnd in range(self.next_round, cfg.rounds + 1):
+            record = self.round(rnd)
+            self.totals["elapsed"] = record["wall_time"] = time.monotonic() - start
+            self.writer.log_round(record)
+            self.next_round = rnd + 1
+            save_checkpoint(self.writer.dir, self._state())
+            self._echo_round(record)
+        final = self.writer.records[-1]
+        summary = {"experiment": cfg.run_name(), "rounds": cfg.rounds, "final_accuracy": final.get("accuracy"),
+                   **{k: v for k, v in final.items() if k.startswith("accuracy/")},
+                   "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
+                   "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
+                   "config_digest": cfg.digest()}
+        self.writer.finish(self.global_params, summary)
+        self.echo(f"fedllm: done in {summary['wall_time']:.1f}s, final accuracy {summary['final_accuracy']:.4f}, "
+                  f"results in {self.writer.dir}")
+        return self.writer.dir
 
 
-def make_server_app(cfg: ExperimentConfig | None = None,
-                    on_done: Callable[[Path], None] | None = None) -> ServerApp:
-    """A ServerApp for ``cfg``; ``None`` reads the experiment from the run config (``flwr run``).
-    ``on_done`` receives the results folder of a finished run."""
+def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
+                   resume: Path | None = None) -> Path:
+    """Run every round of ``cfg`` on the nodes of ``grid`` (continuing ``resume``); returns the results folder."""
+    return FederatedRun(grid, cfg, echo, resume).run()
+
+
+def make_server_app(cfg: ExperimentConfig | None = None, on_done: Callable[[Path], None] | None = None,
+                    resume: Path | None = None, echo: Callable[[str], None] = print) -> ServerApp:
+    """A ServerApp for ``cfg``; ``None`` reads the experiment (and ``resume``) from the run config
+    (``flwr run``). ``on_done`` receives the results folder of a finished run."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_dir = run_experiment(grid, cfg or config_from_run_config(context.run_config))
+        resume_dir = resume or (Path(str(context.run_config["resume"])).expanduser()
+                                if context.run_config.get("resume") else None)
+        run_dir = run_experiment(grid, cfg or config_from_run_config(context.run_config), echo, resume_dir)
         if on_done is not None:
             on_done(run_dir)
 
