@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from clients import TRAINERS, TrainContext
 from fedllm.faults import apply_fault
 from fedllm.config import ExperimentConfig, config_from_json
-from fedllm.data import Examples, client_examples, load_suite
+from fedllm.data import Examples, client_examples, load_suite, local_examples
 from fedllm.metrics import evaluate_tasks
 from fedllm.models import ModelBundle, cached_bundle
 from fedllm.payload import CONFIG, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
@@ -26,9 +26,13 @@ app = ClientApp()
 
 
 def _partition(context: Context, config: dict) -> tuple[int, int]:
+    """(partition id, number of partitions); a device with its own data has no partition: (-1, 0)."""
     node_config = context.node_config
     if "partition-id" not in node_config:
-        raise ValueError("node config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=0 num-partitions=N')")
+        if node_config.get("data-path"):
+            return -1, 0
+        raise ValueError("node config lacks 'partition-id' or 'data-path' (start the SuperNode with "
+                         "--node-config 'partition-id=0 num-partitions=N' or --node-config 'data-path=/my/data.jsonl')")
     num = int(config.get("num-partitions") or node_config.get("num-partitions", 0))
     return int(node_config["partition-id"]), num
 
@@ -38,8 +42,13 @@ def _prepare(content: RecordDict, context: Context) -> tuple[ExperimentConfig, M
     cfg = config_from_json(str(config["experiment"]))
     suite = load_suite(cfg.data, cfg.seed)
     bundle = cached_bundle(cfg, suite.label_names)
-    partition_id, num_partitions = _partition(context, config)
-    examples = client_examples(cfg.data, partition_id, num_partitions, cfg.seed)
+    data_path = context.node_config.get("data-path")
+    if data_path:  # a real device with its own data
+        task = context.node_config.get("task")
+        examples = local_examples(suite, str(data_path), str(task) if task else None)
+    else:
+        partition_id, num_partitions = _partition(context, config)
+        examples = client_examples(cfg.data, partition_id, num_partitions, cfg.seed)
     set_tensors(bundle.model, content.array_records[GLOBAL].to_torch_state_dict())
     local = context.state.array_records.get(LOCAL_STATE)
     set_tensors(bundle.model, local.to_torch_state_dict() if local is not None else bundle.initial_local)
@@ -62,7 +71,8 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples),
                "task": own_tasks.pop() if len(own_tasks) == 1 else -1}
     partition_id, num_partitions = _partition(context, dict(content.config_records[CONFIG]))
-    metrics["partition"] = partition_id
+    if partition_id >= 0:
+        metrics["partition"] = partition_id
     for fault in cfg.client.faults:
         if fault.hits(partition_id, num_partitions, cfg.seed):
             delta = apply_fault(fault, delta, metrics, seed=ctx.seed)

@@ -281,3 +281,20 @@ def client_examples(section: DataSection, partition_id: int, num_partitions: int
             "use fewer clients, more data or a larger alpha"
         )
     return train.subset(mine)
+
+
+def local_examples(suite: TaskSuite, path: str, task: str | None = None) -> Examples:
+    """A device's own training data (a JSONL/CSV file or a folder with ``train.*``) for one task of
+    the run, with labels mapped into the run's joint label space; used instead of a partition."""
+    names = [t.name for t in suite.tasks]
+    k = names.index(task) if task in names else 0
+    if task is not None and task not in names:
+        raise DataError(f"node config task={task!r} is not a task of this run ({', '.join(names)})")
+    p = Path(path).expanduser()
+    file = _find_split(p, "train") if p.is_dir() else p
+    own = suite.tasks[k]
+    rows, _ = _to_int_labels(_read_rows(file, "text", "label"), own.labels, str(file))
+    if not rows:
+        raise DataError(f"{file}: no training rows")
+    offset = suite.offsets[k]
+    return Examples([t for t, _ in rows], [y + offset for _, y in rows], [k] * len(rows))

@@ -45,8 +45,14 @@ class RunResult:
 def load_run(path: Path) -> RunResult:
     if not (path / "summary.json").is_file():
         raise FileNotFoundError(f"{path} holds no finished run (no summary.json)")
-    return RunResult(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
-                     json.loads((path / "summary.json").read_text()))
+    raw = yaml.safe_load((path / "config.yaml").read_text())
+    try:  # fill keys added since the run was made with their defaults, so runs compare like for like
+        from fedllm.config import config_from_dict
+
+        raw = config_from_dict(raw).model_dump(mode="json")
+    except ValueError:
+        pass
+    return RunResult(path, raw, read_metrics(path), json.loads((path / "summary.json").read_text()))
 
 
 def find_runs(paths: list[Path]) -> list[RunResult]:
@@ -81,16 +87,27 @@ def _varying_keys(runs: list[RunResult]) -> list[str]:
     return [k for k in keys if len({f.get(k) for f in flats}) > 1]
 
 
+def setting_of(run: RunResult, runs: list[RunResult]) -> str:
+    """What sets ``run`` apart from the other runs with the same name: the keys that vary among them."""
+    same_name = [r for r in runs if r.label == run.label]
+    varying = _varying_keys(same_name)
+    return "; ".join(f"{k}={_lookup(run.config, k)}" for k in varying)
+
+
+def series_name(run: RunResult, runs: list[RunResult]) -> str:
+    setting = setting_of(run, runs)
+    return f"{run.label} ({setting})" if setting else run.label
+
+
 def summarise(runs: list[RunResult]) -> list[dict[str, Any]]:
     """One row per configuration (seeds pooled), in first-seen order."""
     groups: dict[str, list[RunResult]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: str(r.path)):
         groups[r.group_key()].append(r)
-    varying = _varying_keys(runs)
     rows = []
     for members in groups.values():
         first = members[0]
-        setting = "; ".join(f"{k}={_lookup(first.config, k)}" for k in varying) or first.label
+        setting = setting_of(first, runs) or "—"
         acc = _mean_std([m.summary.get("final_accuracy") for m in members])
         up = _mean_std([m.summary.get("total_bytes_up") for m in members])
         wall = _mean_std([m.summary.get("wall_time") for m in members])
@@ -136,10 +153,8 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
 
 def _series(runs: list[RunResult]) -> dict[str, list[RunResult]]:
     out: dict[str, list[RunResult]] = defaultdict(list)
-    varying = [k for k in _varying_keys(runs)]
     for r in sorted(runs, key=lambda r: str(r.path)):
-        name = "; ".join(f"{k}={_lookup(r.config, k)}" for k in varying) or r.label
-        out[name].append(r)
+        out[series_name(r, runs)].append(r)
     return out
 
 
@@ -197,13 +212,13 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
         if key not in _varying_keys(runs):
             continue
         by_rest: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-        others = [k for k in _varying_keys(runs) if k != key]
         for r in runs:
             x = _lookup(r.config, key)
             if x is None:  # e.g. an ideal-channel run has no SNR
                 continue
-            rest = "; ".join(f"{k}={_lookup(r.config, k)}" for k in others if k != "channel.kind") or r.label
-            by_rest[rest][float(x)].append(r.summary.get("final_accuracy"))
+            same_name = [o for o in runs if o.label == r.label]
+            rest = "; ".join(f"{k}={_lookup(r.config, k)}" for k in _varying_keys(same_name) if k != key)
+            by_rest[f"{r.label} ({rest})" if rest else r.label][float(x)].append(r.summary.get("final_accuracy"))
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for label, pts in by_rest.items():
             xs = sorted(pts)

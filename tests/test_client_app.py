@@ -1,5 +1,6 @@
 """The client's round function, called directly (no Flower run needed)."""
 
+import pytest
 import torch
 from flwr.app import Context, RecordDict
 
@@ -75,3 +76,28 @@ def test_bottleneck_adapters_start_as_identity_and_are_the_sent_group():
     reply = train_round(round_content(bundle.initial_global, cfg.to_json(), 1, 0), _context())
     sent = reply.array_records[DELTA].to_torch_state_dict()
     assert any(torch.count_nonzero(d) > 0 for n, d in sent.items() if "adapter_" in n)
+
+
+def test_a_device_trains_on_its_own_data_file(tmp_path):
+    import json
+
+    from fedllm.data import DataError
+    from fedllm.embedded_tasks import generate
+
+    rows = generate("topic", "device", 40, seed=9)
+    names = ["sports", "weather", "food", "technology"]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps({"text": t, "label": names[y]}) for t, y in rows))
+    cfg = load_config(None, LORA_TINY)
+    server = _global(cfg)
+    device = Context(run_id=1, node_id=77, node_config={"data-path": str(tmp_path / "mine.jsonl"), "task": "topic"},
+                     state=RecordDict(), run_config={})
+    reply = train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), device)
+    metrics = reply.metric_records[METRICS]
+    assert metrics["num-examples"] == 40 and "partition" not in metrics
+    bad = Context(run_id=1, node_id=78, node_config={"data-path": str(tmp_path / "mine.jsonl"), "task": "sentiment"},
+                  state=RecordDict(), run_config={})
+    with pytest.raises(DataError, match="task='sentiment' is not a task of this run"):
+        train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), bad)
+    none = Context(run_id=1, node_id=79, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="lacks 'partition-id' or 'data-path'"):
+        train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), none)
