@@ -99,5 +99,10 @@ def test_superlink_and_two_supernodes_over_tls(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"orphan processes: {leftovers}"
+    def leftovers() -> str:  # processes still naming this test's folder (children watch their parent's pid)
+        return subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+
+    deadline = time.monotonic() + 15
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not leftovers(), f"orphan processes:\n{leftovers()}"
