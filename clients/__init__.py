@@ -4,7 +4,7 @@ A trainer is ``train(bundle, examples, ctx) -> TrainResult``: it updates the tra
 tensors of ``bundle.model`` in place on the client's own examples.
 """
 
-from clients.base import TRAINERS, TrainContext, TrainResult, Trainer
+from clients.base import TRAINERS, TrainContext, TrainResult, Trainer, proximal_term
 from clients import supervised as _supervised  # noqa: F401  (registers "supervised")
 
-__all__ = ["TRAINERS", "TrainContext", "TrainResult", "Trainer"]
+__all__ = ["TRAINERS", "TrainContext", "TrainResult", "Trainer", "proximal_term"]

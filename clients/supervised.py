@@ -7,7 +7,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from clients.base import TRAINERS, TrainContext, TrainResult
+from clients.base import TRAINERS, TrainContext, TrainResult, proximal_term
 from fedllm.data import Examples
 from fedllm.models import ModelBundle, forward_logits
 
@@ -34,6 +34,8 @@ def train_supervised(bundle: ModelBundle, examples: Examples, ctx: TrainContext)
                                     [examples.tasks[i] for i in batch], ctx.label_ranges, ctx.max_length)
             labels = torch.tensor([examples.labels[i] for i in batch], device=logits.device)
             loss = F.cross_entropy(logits, labels)
+            if ctx.anchor is not None:
+                loss = loss + proximal_term(model, ctx.anchor, section.prox_mu)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

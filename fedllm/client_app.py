@@ -8,7 +8,7 @@ global group plus its metrics.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import TRAINERS, TrainContext
@@ -21,6 +21,7 @@ from fedllm.payload import CONFIG, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
 from fedllm.vectors import get_tensors, set_tensors, subtract
 
 LOCAL_STATE = "fedllm.local"
+ROUNDS_STATE = "fedllm.rounds"
 
 app = ClientApp()
 
@@ -62,14 +63,21 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     suite = load_suite(cfg.data, cfg.seed)
     trainer = TRAINERS.get(cfg.client.trainer)
     ctx = TrainContext(cfg.client, suite.label_ranges, cfg.model.max_length,
-                       seed=cfg.seed * 100_003 + server_round * 1_009 + int(context.node_config.get("partition-id", 0)))
+                       seed=cfg.seed * 100_003 + server_round * 1_009 + int(context.node_config.get("partition-id", 0)),
+                       anchor=before if cfg.client.prox_mu > 0 else None)
     result = trainer(bundle, examples, ctx)
+    rounds_here = int(context.state.config_records[ROUNDS_STATE]["n"]) + 1 if ROUNDS_STATE in context.state.config_records else 1
+    context.state[ROUNDS_STATE] = ConfigRecord({"n": rounds_here})  # how many rounds this client's state has seen
+    local_norm = 0.0
     if bundle.groups.local_names:
-        context.state[LOCAL_STATE] = ArrayRecord(torch_state_dict=get_tensors(bundle.model, bundle.groups.local_names))
+        local = get_tensors(bundle.model, bundle.groups.local_names)
+        context.state[LOCAL_STATE] = ArrayRecord(torch_state_dict=local)
+        local_norm = float(sum(t.double().pow(2).sum() for t in local.values()) ** 0.5)
     delta = subtract(get_tensors(bundle.model, bundle.groups.global_names), before)
     own_tasks = set(examples.tasks)
     metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples),
-               "task": own_tasks.pop() if len(own_tasks) == 1 else -1}
+               "task": own_tasks.pop() if len(own_tasks) == 1 else -1, "local_norm": local_norm,
+               "local_rounds": rounds_here}
     partition_id, num_partitions = _partition(context, dict(content.config_records[CONFIG]))
     if partition_id >= 0:
         metrics["partition"] = partition_id
@@ -81,14 +89,20 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
 
 def evaluate_round(content: RecordDict, context: Context) -> RecordDict:
     """Personalised evaluation: global group from the server, local group from the client state,
-    on the pooled test split restricted to the tasks this client trains on."""
+    on the client's own test partition (a device with its own data: the run's test split of its tasks)."""
     cfg, bundle, examples, _ = _prepare(content, context)
     suite = load_suite(cfg.data, cfg.seed)
-    test = suite.split("test")
-    mine = set(examples.tasks)
-    test = test.subset([i for i, t in enumerate(test.tasks) if t in mine])
+    partition_id, num_partitions = _partition(context, dict(content.config_records[CONFIG]))
+    if partition_id >= 0:
+        test = client_examples(cfg.data, partition_id, num_partitions, cfg.seed, split="test")
+    else:
+        pooled, mine = suite.split("test"), set(examples.tasks)
+        test = pooled.subset([i for i, t in enumerate(pooled.tasks) if t in mine])
     scores = evaluate_tasks(bundle, bundle.model, suite, test, cfg.eval.batch_size, cfg.model.max_length)
-    return RecordDict({METRICS: MetricRecord({**scores, NUM_EXAMPLES: len(test)})})
+    metrics = {"accuracy": scores["accuracy"], "eval_loss": scores["eval_loss"], NUM_EXAMPLES: len(test)}
+    if partition_id >= 0:
+        metrics["partition"] = partition_id
+    return RecordDict({METRICS: MetricRecord(metrics)})
 
 
 @app.train()

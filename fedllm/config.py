@@ -118,6 +118,9 @@ class ClientSection(_Section):
     local_epochs: PositiveInt = 1
     batch_size: PositiveInt = 16
     max_steps: PositiveInt | None = 20
+    # Proximal weight mu: adds mu/2 ||w - w_global||^2 over the global group (FedProx; PFTT's
+    # personalised loss). 0 turns it off.
+    prox_mu: float = Field(0.0, ge=0.0)
     # Injected misbehaviour (see fedllm/faults.py): [{kind: sign_flip, fraction: 0.2, scale: 1}, ...]
     faults: list["FaultSpec"] = Field(default_factory=list)
 
@@ -202,6 +205,9 @@ class EvalSection(_Section):
     # Multi-task fusion metrics (one task per client): each client's individual model is
     # evaluated from its clean delta, giving normalised accuracy and the WD error.
     fusion_metrics: bool = False
+    # Federated evaluation: every client evaluates the global group plus its own local group on
+    # its own test partition (personalised accuracy: mean and worst client).
+    federated: bool = False
 
 
 class OutputSection(_Section):
@@ -220,6 +226,13 @@ class ExperimentConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     seed: int = 0
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _local_only_sends_nothing(self) -> "ExperimentConfig":
+        if (self.strategy.name == "local_only") != (not self.peft.global_patterns):
+            raise ValueError("strategy 'local_only' goes with an empty peft.global_patterns (nothing is sent; "
+                             "put the trainable tensors in peft.local_patterns), and only it may send nothing")
+        return self
 
     @model_validator(mode="after")
     def _rmtllmf_freezes_something(self) -> "ExperimentConfig":

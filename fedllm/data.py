@@ -262,22 +262,27 @@ def partition_indices(examples: Examples, num_clients: int, scheme: str, alpha: 
     return [sorted(partitioner.load_partition(c)["idx"]) for c in range(num_clients)]
 
 
-@lru_cache(maxsize=4)
-def _train_partitions(section_json: str, num_partitions: int, seed: int) -> tuple[Examples, list[list[int]]]:
+@lru_cache(maxsize=8)
+def _partitions(section_json: str, split: str, num_partitions: int, seed: int) -> tuple[Examples, list[list[int]]]:
     section = DataSection.model_validate_json(section_json)
-    train = load_suite(section, seed).split("train")
-    return train, partition_indices(train, num_partitions, section.partition, section.alpha, seed)
+    examples = load_suite(section, seed).split(split)
+    return examples, partition_indices(examples, num_partitions, section.partition, section.alpha, seed)
 
 
-def client_examples(section: DataSection, partition_id: int, num_partitions: int, seed: int) -> Examples:
-    """The training examples of one client (partitions cached per process)."""
+def client_examples(section: DataSection, partition_id: int, num_partitions: int, seed: int,
+                    split: str = "train") -> Examples:
+    """One client's examples of ``split`` (partitions cached per process).
+
+    The test split is partitioned with the same scheme and seed as the train split, so under
+    Dirichlet label skew a client's test examples follow its own label mix (personalised
+    evaluation), as the partitioner draws the per-class proportions from the seed."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
-    train, parts = _train_partitions(section.model_dump_json(), num_partitions, seed)
+    train, parts = _partitions(section.model_dump_json(), split, num_partitions, seed)
     mine = parts[partition_id]
     if not mine:
         raise DataError(
-            f"client {partition_id} got an empty partition ({section.partition}, {num_partitions} clients); "
+            f"client {partition_id} got an empty {split} partition ({section.partition}, {num_partitions} clients); "
             "use fewer clients, more data or a larger alpha"
         )
     return train.subset(mine)

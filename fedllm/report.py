@@ -116,6 +116,8 @@ def summarise(runs: list[RunResult]) -> list[dict[str, Any]]:
             "final_accuracy": acc[0], "final_accuracy_std": acc[1],
             "bytes_up": up[0], "wall_time_s": wall[0], "wall_time_std": wall[1],
             "normalized_accuracy": _mean_std([m.records[-1].get("normalized_accuracy") for m in members])[0],
+            "personalized_accuracy": _mean_std([m.summary.get("personalized_accuracy") for m in members])[0],
+            "worst_client_accuracy": _mean_std([m.summary.get("worst_client_accuracy") for m in members])[0],
         })
     return rows
 
@@ -134,11 +136,14 @@ def _fmt(value: float, std: float | None = None, digits: int = 4) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| run | setting | seeds | final accuracy | normalised accuracy | uplink MB | wall time (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | setting | seeds | final accuracy | normalised accuracy | personalised (worst client) "
+             "| uplink MB | wall time (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        personal = "—" if r["personalized_accuracy"] != r["personalized_accuracy"] else \
+            f"{r['personalized_accuracy']:.4f} ({r['worst_client_accuracy']:.4f})"
         lines.append(f"| {r['run']} | {r['setting']} | {r['seeds']} | {_fmt(r['final_accuracy'], r['final_accuracy_std'])} "
-                     f"| {_fmt(r['normalized_accuracy'])} | {r['bytes_up'] / 2**20:.1f} "
+                     f"| {_fmt(r['normalized_accuracy'])} | {personal} | {r['bytes_up'] / 2**20:.1f} "
                      f"| {_fmt(r['wall_time_s'], r['wall_time_std'], 1)} |")
     return "\n".join(lines) + "\n"
 

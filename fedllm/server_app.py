@@ -25,7 +25,8 @@ from fedllm.data import load_suite
 from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.realign import few_shot_set, realign
 from fedllm.models import build_bundle
-from fedllm.payload import ClientUpdate, RejectedReply, parse_reply, reject_outlier_norms, round_content
+from fedllm.payload import (METRICS, ClientUpdate, RejectedReply, parse_reply, reject_outlier_norms,
+                            round_content)
 from fedllm.results import ResultsWriter, load_checkpoint, save_checkpoint
 from fedllm.vectors import Layout, get_tensors, set_tensors
 from strategies import build_rule
@@ -130,6 +131,26 @@ class FederatedRun:
                                               self.cfg.eval.batch_size, self.cfg.model.max_length)["accuracy"]
         return max(self.cfg.strategy.lr_grid, key=lambda lam: scores[str(lam)]), scores
 
+    def evaluate_federated(self, rnd: int) -> dict:
+        """Every client scores the global group plus its own local group on its own test partition."""
+        cfg = self.cfg
+        nodes = sorted(self.grid.get_node_ids())
+        content = round_content(self.global_params, self.config_json, rnd, cfg.data.num_clients or 0)
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        per_client: dict[str, float] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+            if reply.has_error() or METRICS not in reply.content.metric_records:
+                log.warning("round %d: evaluation failed on client %s", rnd, reply.metadata.src_node_id)
+                continue
+            metrics = dict(reply.content.metric_records[METRICS])
+            name = f"p{int(metrics['partition'])}" if "partition" in metrics else f"n{reply.metadata.src_node_id}"
+            per_client[name] = float(metrics["accuracy"])
+        if not per_client:
+            return {}
+        accs = list(per_client.values())
+        return {"personalized_accuracy": sum(accs) / len(accs), "worst_client_accuracy": min(accs),
+                "client_accuracy": dict(sorted(per_client.items()))}
+
     # ------------------------------------------------------------------ one round
     def collect(self, rnd: int) -> tuple[list[int], list, list[ClientUpdate], list[str]]:
         """Sample clients, send the global group, and check every reply."""
@@ -181,6 +202,9 @@ class FederatedRun:
                                          cfg.eval.batch_size, cfg.model.max_length))
         examples = sum(u.num_examples for u in updates)
         record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
+        if any(u.metrics.get("local_norm") for u in updates):  # personal parts: how far each has moved
+            record["client_local_norm"] = {u.client_id: u.metrics["local_norm"] for u in updates}
+            record["client_local_rounds"] = {u.client_id: int(u.metrics.get("local_rounds", 0)) for u in updates}
         return record
 
     def round(self, rnd: int) -> dict:
@@ -197,8 +221,11 @@ class FederatedRun:
             record["skipped"] = True
         else:
             record.update(self.update(rnd, updates))
-        if cfg.eval.centralized and (rnd % cfg.eval.every == 0 or rnd == cfg.rounds):
-            record.update(self.evaluate())
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            if cfg.eval.centralized:
+                record.update(self.evaluate())
+            if cfg.eval.federated:
+                record.update(self.evaluate_federated(rnd))
         self.totals["bytes_up"] += record["bytes_up"]
         self.totals["bytes_down"] += record["bytes_down"]
         record["round_time"] = time.monotonic() - t0
@@ -208,7 +235,9 @@ class FederatedRun:
         rejected, missing = len(record["rejected"]), record["clients_missing"]
         self.echo(f"[round {record['round']}/{self.cfg.rounds}] train_loss={record.get('train_loss', float('nan')):.4f} "
                   f"accuracy={record.get('accuracy', float('nan')):.4f} "
-                  f"clients={record['clients_used']}/{record['clients_sampled']} "
+                  + (f"personalized={record['personalized_accuracy']:.4f} (worst {record['worst_client_accuracy']:.4f}) "
+                     if "personalized_accuracy" in record else "")
+                  + f"clients={record['clients_used']}/{record['clients_sampled']} "
                   + (f"rejected={rejected} " if rejected else "") + (f"missing={missing} " if missing else "")
                   + f"up={_fmt_bytes(record['bytes_up'])} ({_fmt_bytes(self.payload_bytes)}/client) "
                   f"down={_fmt_bytes(record['bytes_down'])} time={record['round_time']:.1f}s")
@@ -235,6 +264,7 @@ class FederatedRun:
         final = self.writer.records[-1]
         summary = {"experiment": cfg.run_name(), "rounds": cfg.rounds, "final_accuracy": final.get("accuracy"),
                    **{k: v for k, v in final.items() if k.startswith("accuracy/")},
+                   **{k: final[k] for k in ("personalized_accuracy", "worst_client_accuracy") if k in final},
                    "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
                    "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
                    "config_digest": cfg.digest()}

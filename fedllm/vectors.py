@@ -58,7 +58,7 @@ def split_groups(model: torch.nn.Module, global_patterns: list[str], local_patte
             f"peft.global_patterns {global_patterns} nor peft.local_patterns {local_patterns}; "
             "add a pattern for it (e.g. '*' in global_patterns for full fine-tuning)"
         )
-    if not global_names:
+    if not global_names and global_patterns:
         raise ValueError(f"peft.global_patterns {global_patterns} select no trainable tensor: nothing would be sent")
     return ParameterGroups(tuple(global_names), tuple(local_names))
 

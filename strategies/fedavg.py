@@ -11,3 +11,18 @@ from strategies.base import FUSION_RULES, FusionRule, weighted_mean
 class FedAvg(FusionRule):
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(deltas, weights)
+
+
+@FUSION_RULES.register("personalized")
+class Personalized(FedAvg):
+    """PFTT (Jiang et al. 2024): FedAvg of the global group only; each client's local group
+    (``peft.local_patterns``, e.g. a personal LoRA) never leaves it and persists across rounds."""
+
+
+@FUSION_RULES.register("local_only")
+class LocalOnly(FusionRule):
+    """No communication: every trainable tensor is local (``peft.global_patterns: []``), nothing
+    is sent, the global group is empty; the baseline personalisation must beat."""
+
+    def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(deltas.shape[1], dtype=deltas.dtype)
