@@ -2,7 +2,8 @@
 
 Runs that differ only in ``seed`` form one row: mean ± std over seeds of the final accuracy,
 uplink bytes and wall time. Plots (PNG): accuracy vs round, accuracy vs cumulative uplink
-bytes, final accuracy vs channel SNR / jammer power (when runs vary it), and per-task bars.
+bytes, final accuracy vs channel SNR / jammer power (when runs vary it), per-task bars, and
+per-client bars of personalised accuracy for runs with federated evaluation.
 Everything is computed from ``config.yaml``, ``metrics.jsonl`` and ``summary.json`` alone, so a
 report can be re-rendered at any time without training.
 """
@@ -244,6 +245,20 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
         ax.set_ylabel("final accuracy")
         ax.legend(fontsize=7)
         save(fig, "accuracy_per_task.png")
+    client_runs = {label: members for label, members in series.items() if members[-1].records[-1].get("client_accuracy")}
+    if client_runs:
+        clients = sorted({c for ms in client_runs.values() for c in ms[-1].records[-1]["client_accuracy"]},
+                         key=lambda c: (len(c), c))
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(clients) * len(client_runs)), 4))
+        width = 0.8 / len(client_runs)
+        for i, (label, members) in enumerate(client_runs.items()):
+            per = [statistics.fmean([m.records[-1]["client_accuracy"].get(c, float("nan")) for m in members])
+                   for c in clients]
+            ax.bar([j + i * width for j in range(len(clients))], per, width=width, label=label)
+        ax.set_xticks([j + width * (len(client_runs) - 1) / 2 for j in range(len(clients))], clients)
+        ax.set_ylabel("personalised accuracy (own test split)")
+        ax.legend(fontsize=7)
+        save(fig, "accuracy_per_client.png")
     (out_dir / "plots.json").write_text(json.dumps(index, indent=2))  # plot -> its series, for readers and tests
     return written
 
