@@ -92,7 +92,8 @@ def compare(
             typer.echo(f"{label}: running")
             folders.append(simulate(planned.config, planned.config.data.num_clients or clients))
     out = out or Path("results") / "compare" / runs[0].config.digest()
-    md, plots = write_report([load_run(f) for f in folders], out)
+    unique = list(dict.fromkeys(folders))  # sweep points that resolve to the same config share one run
+    md, plots = write_report([load_run(f) for f in unique], out)
     typer.echo(md)
     typer.echo(f"table and {len(plots)} plots in {out}")
 
