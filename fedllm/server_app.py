@@ -269,7 +269,12 @@ class FederatedRun:
                    "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
                    "config_digest": cfg.digest()}
         self.writer.finish(self.global_params, summary)
-        self.echo(f"fedllm: done in {summary['wall_time']:.1f}s, final accuracy {summary['final_accuracy']:.4f}, "
+        final_acc = summary["final_accuracy"]
+        scores = [f"final accuracy {final_acc:.4f}"] if final_acc is not None else []
+        if "personalized_accuracy" in summary:
+            scores.append(f"personalised {summary['personalized_accuracy']:.4f} "
+                          f"(worst client {summary['worst_client_accuracy']:.4f})")
+        self.echo(f"fedllm: done in {summary['wall_time']:.1f}s, {', '.join(scores) or 'no evaluation'}, "
                   f"results in {self.writer.dir}")
         return self.writer.dir
 
