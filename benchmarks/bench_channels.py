@@ -69,7 +69,7 @@ def main() -> None:
     solver_small = best_time(lambda: solver.transmit(small, meta), args.repeats)
     print(f"floor (randn_like + add) on {args.clients} x {args.d:,}: {floor:.3f}s "
           f"({x.numel() / floor / 1e6:.0f} M floats/s)")
-    print(f"| channel | params | seconds | M floats/s | x floor |\n|---|---|---|---|---|")
+    print("| channel | params | seconds | M floats/s | x floor |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['channel']} | {json.dumps(r['params'])} | {r['seconds']:.3f} | "
               f"{r['floats_per_s'] / 1e6:.0f} | {r['ratio_to_floor']:.2f} |")

@@ -41,10 +41,3 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule
 
 def apply_update(global_params: Tensors, fused: torch.Tensor | None, layout: Layout, scale: float) -> Tensors:
     return global_params if fused is None else add(global_params, unflatten(fused, layout), scale)
-
-
-def aggregate(global_params: Tensors, updates: list[ClientUpdate], layout: Layout, channel: Channel,
-              fuse: FusionRule, server_lr: float = 1.0) -> tuple[Tensors, dict[str, Any]]:
-    """New global parameters and the round's record (unchanged parameters if all were lost)."""
-    fused, record = fuse_updates(updates, channel, fuse)
-    return apply_update(global_params, fused, layout, server_lr), record

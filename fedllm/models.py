@@ -127,9 +127,6 @@ class ModelBundle:
     initial_local: Tensors
     device: torch.device
 
-    def bytes_of_global(self) -> int:
-        return sum(t.numel() * 4 for t in self.initial_global.values())
-
 
 def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
     device = pick_device()

@@ -1,7 +1,7 @@
 import torch
 
 from channels import build_channel
-from fedllm.aggregation import aggregate
+from fedllm.aggregation import apply_update, fuse_updates
 from fedllm.payload import ClientUpdate
 from fedllm.vectors import Layout, flatten
 from strategies import build_rule
@@ -14,6 +14,11 @@ def _updates() -> list[ClientUpdate]:
     g = torch.Generator().manual_seed(0)
     return [ClientUpdate(i, torch.randn(LAYOUT.numel, generator=g), n, {"train_loss": 1.0})
             for i, n in enumerate([10, 30, 60])]
+
+
+def aggregate(global_params, updates, layout, channel, rule, lr=1.0):
+    fused, record = fuse_updates(updates, channel, rule)
+    return apply_update(global_params, fused, layout, lr), record
 
 
 def _expected(updates, lr=1.0):

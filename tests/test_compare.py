@@ -9,9 +9,7 @@ from typer.testing import CliRunner
 
 from fedllm.cli import app
 from fedllm.config import ConfigError
-from fedllm.report import find_runs, write_report
 from fedllm.sweep import expand_sweep, plan
-from tests.conftest import TINY_OVERRIDES
 
 runner = CliRunner()
 
