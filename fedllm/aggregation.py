@@ -5,6 +5,7 @@ Pure tensor code (no Flower), so the server's core step is unit tested directly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,10 +13,18 @@ import torch
 from channels import Channel, ClientMeta
 from fedllm.payload import ClientUpdate
 from fedllm.vectors import Layout, Tensors, add, unflatten
+from fedllm.privacy import dp_mean
 from strategies import FusionRule
 
 
-def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule
+@dataclass
+class DPSettings:
+    clip_norm: float
+    noise_multiplier: float
+    generator: torch.Generator
+
+
+def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule, dp: DPSettings | None = None
                  ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The fused delta of a round after the channel (``None`` if every payload was lost) and its record.
 
@@ -30,6 +39,8 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule
     keep = ~report.dropped
     if report.aggregated:  # over-the-air: the channel already delivered the weighted mean
         fused = received[0]
+    elif keep.any() and dp is not None:  # DP-FedAvg: clipped uniform mean plus Gaussian noise
+        fused = dp_mean(received[keep], dp.clip_norm, dp.noise_multiplier, dp.generator)
     elif keep.any():
         fused = fuse(received[keep], weights[keep])
     else:

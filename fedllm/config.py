@@ -153,6 +153,12 @@ class StrategySection(BaseModel):
     # A reply whose delta norm exceeds this multiple of the round's median norm is rejected
     # (None: no check). Needs 3+ replies, so a median means something.
     reject_norm_ratio: PositiveFloat | None = 100.0
+    # Central differential privacy (DP-FedAvg, fedllm/privacy.py): clip each update to
+    # dp_clip_norm, average uniformly, add Gaussian noise of dp_noise_multiplier x clip / n;
+    # the epsilon spent at dp_delta is logged every round. None: off.
+    dp_clip_norm: PositiveFloat | None = None
+    dp_noise_multiplier: float = Field(1.0, ge=0.0)
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
     @field_validator("name")
     @classmethod
@@ -226,6 +232,13 @@ class ExperimentConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     seed: int = 0
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _dp_is_for_averaging(self) -> "ExperimentConfig":
+        if self.strategy.dp_clip_norm is not None and self.strategy.name not in ("fedavg", "personalized"):
+            raise ValueError(f"strategy.dp_clip_norm (DP-FedAvg) replaces the fusion by a clipped noisy mean, so it "
+                             f"only goes with fedavg or personalized, not {self.strategy.name!r}")
+        return self
 
     @model_validator(mode="after")
     def _local_only_sends_nothing(self) -> "ExperimentConfig":

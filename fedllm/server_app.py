@@ -19,10 +19,11 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from channels import build_channel
-from fedllm.aggregation import apply_update, fuse_updates
+from fedllm.aggregation import DPSettings, apply_update, fuse_updates
 from fedllm.config import ConfigError, ExperimentConfig, load_config
 from fedllm.data import load_suite
 from fedllm.metrics import evaluate_tasks, fusion_metrics
+from fedllm.privacy import gaussian_epsilon
 from fedllm.realign import few_shot_set, realign
 from fedllm.models import build_bundle
 from fedllm.payload import (METRICS, ClientUpdate, RejectedReply, parse_reply, reject_outlier_norms,
@@ -86,6 +87,9 @@ class FederatedRun:
         self.payload_bytes = self.layout.numel * 4
         self.channel = build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
         self.fuse = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
+        self.dp = (DPSettings(cfg.strategy.dp_clip_norm, cfg.strategy.dp_noise_multiplier,
+                              torch.Generator().manual_seed(cfg.seed + 17))
+                   if cfg.strategy.dp_clip_norm is not None else None)
         self.rng = random.Random(cfg.seed)
         self.config_json = cfg.to_json()
         self.totals = {"bytes_up": 0, "bytes_down": 0, "elapsed": 0.0}
@@ -98,7 +102,8 @@ class FederatedRun:
     def _state(self) -> dict:
         return {"round": self.next_round - 1, "global_params": self.global_params, "totals": self.totals,
                 "sampler": self.rng.getstate(), "channel_rng": self.channel.generator.get_state(),
-                "rule_rng": self.fuse.generator.get_state(), "config_digest": self.cfg.digest()}
+                "rule_rng": self.fuse.generator.get_state(), "config_digest": self.cfg.digest(),
+                "dp_rng": self.dp.generator.get_state() if self.dp else None}
 
     def _restore(self, run_dir: Path) -> None:
         state = load_checkpoint(run_dir)
@@ -110,6 +115,8 @@ class FederatedRun:
         self.rng.setstate(state["sampler"])
         self.channel.generator.set_state(state["channel_rng"])
         self.fuse.generator.set_state(state["rule_rng"])
+        if self.dp is not None and state.get("dp_rng") is not None:
+            self.dp.generator.set_state(state["dp_rng"])
         self.next_round = state["round"] + 1
         self.writer.truncate_after(state["round"])
         self.echo(f"fedllm: resuming {run_dir} after round {state['round']}")
@@ -180,7 +187,11 @@ class FederatedRun:
     def update(self, rnd: int, updates: list[ClientUpdate]) -> dict:
         """Channel, fusion, scale, optional realignment and fusion metrics; updates the global group."""
         cfg = self.cfg
-        fused, record = fuse_updates(updates, self.channel, self.fuse)
+        fused, record = fuse_updates(updates, self.channel, self.fuse, self.dp)
+        if self.dp is not None:
+            self.totals["dp_rounds"] = self.totals.get("dp_rounds", 0) + 1
+            record["dp_epsilon"] = gaussian_epsilon(self.totals["dp_rounds"], self.dp.noise_multiplier,
+                                                    cfg.strategy.dp_delta)
         scale = cfg.strategy.server_lr
         if scale == "auto":
             scale, record["validation_by_lr"] = self.choose_scale(fused)
@@ -264,7 +275,7 @@ class FederatedRun:
         final = self.writer.records[-1]
         summary = {"experiment": cfg.run_name(), "rounds": cfg.rounds, "final_accuracy": final.get("accuracy"),
                    **{k: v for k, v in final.items() if k.startswith("accuracy/")},
-                   **{k: final[k] for k in ("personalized_accuracy", "worst_client_accuracy") if k in final},
+                   **{k: final[k] for k in ("personalized_accuracy", "worst_client_accuracy", "dp_epsilon") if k in final},
                    "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
                    "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
                    "config_digest": cfg.digest()}

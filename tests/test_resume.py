@@ -22,7 +22,8 @@ def _simulate(server_app):
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tiny_overrides, tmp_path):
     cfg = load_config(None, [*tiny_overrides, "rounds=3", "client.max_steps=5", "channel.kind=awgn",
-                             "channel.snr_db=10", f"output.dir={tmp_path / 'straight'}"])
+                             "channel.snr_db=10", "strategy.dp_clip_norm=5.0", "strategy.dp_noise_multiplier=0.05",
+                             f"output.dir={tmp_path / 'straight'}"])
     _simulate(make_server_app(cfg))
     straight = next((tmp_path / "straight").glob("*/*"))
 
@@ -47,6 +48,9 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tiny_overrides, tmp_
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     assert read_metrics(run_dir)[-1]["accuracy"] == pytest.approx(read_metrics(straight)[-1]["accuracy"])
+    # DP noise is part of the checkpointed state too; epsilon keeps counting across the resume
+    eps = [r["dp_epsilon"] for r in read_metrics(run_dir)[1:]]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(read_metrics(straight)[-1]["dp_epsilon"])
 
 
 def test_resume_refuses_another_config(tiny_overrides, tmp_path):
