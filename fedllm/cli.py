@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +47,25 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+class RoundProgress:
+    """A progress bar over rounds (on a terminal) fed by the server's per-round log lines."""
+
+    def __init__(self, rounds: int, enabled: bool | None = None) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=rounds, unit="round", desc="rounds",
+                        disable=not sys.stderr.isatty() if enabled is None else not enabled)
+
+    def __call__(self, line: str) -> None:
+        self._tqdm.write(line)
+        match = re.match(r"\[round (\d+)/\d+\]", line)
+        if match and int(match.group(1)) > self.bar.n:
+            self.bar.update(int(match.group(1)) - self.bar.n)
+        if line.startswith("fedllm: done"):
+            self.bar.close()
+
+
 def simulate(cfg, clients: int, cpus_per_client: float = 1.0, resume: Path | None = None) -> Path:
     """One run through Flower's simulation engine; returns its results folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,7 +75,8 @@ def simulate(cfg, clients: int, cpus_per_client: float = 1.0, resume: Path | Non
     from fedllm.server_app import make_server_app
 
     out: list[Path] = []
-    run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume), client_app=client_app,
+    run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=RoundProgress(cfg.rounds)),
+                   client_app=client_app,
                    num_supernodes=clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client},
                                    "init_args": {"num_cpus": os.cpu_count() or 1}})

@@ -34,3 +34,17 @@ def test_every_module_imports_on_its_own():
     for module in modules:
         result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, f"import {module} failed:\n{result.stderr[-800:]}"
+
+
+def test_round_progress_follows_the_servers_round_lines(capsys):
+    from fedllm.cli import RoundProgress
+
+    progress = RoundProgress(rounds=3, enabled=True)
+    progress("fedllm: x | model tiny-bert")
+    progress("[round 0/3] accuracy=0.2 (before training)")
+    assert progress.bar.n == 0
+    progress("[round 1/3] train_loss=1.0 accuracy=0.4")
+    progress("[round 3/3] skipped: 0 usable replies")
+    assert progress.bar.n == 3
+    progress("fedllm: done in 1.0s")
+    assert "[round 1/3] train_loss=1.0" in capsys.readouterr().out
