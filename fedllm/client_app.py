@@ -8,13 +8,15 @@ global group plus its metrics.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import TRAINERS, TrainContext
 from fedllm.faults import apply_fault
 from fedllm.config import ExperimentConfig, config_from_json
-from fedllm.data import Examples, client_examples, load_suite, local_examples
+from fedllm.data import Examples, TaskSuite, client_examples, load_suite, local_examples
 from fedllm.metrics import evaluate_tasks
 from fedllm.models import ModelBundle, cached_bundle
 from fedllm.payload import CONFIG, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
@@ -38,51 +40,68 @@ def _partition(context: Context, config: dict) -> tuple[int, int]:
     return int(node_config["partition-id"]), num
 
 
-def _prepare(content: RecordDict, context: Context) -> tuple[ExperimentConfig, ModelBundle, Examples, int]:
+@dataclass
+class ClientRound:
+    """What one client call works with, prepared once: config, data, model, partition."""
+
+    cfg: ExperimentConfig
+    suite: TaskSuite
+    bundle: ModelBundle
+    examples: Examples
+    server_round: int
+    partition_id: int  # -1 for a device with its own data
+    num_partitions: int
+
+
+def _prepare(content: RecordDict, context: Context) -> ClientRound:
     config = dict(content.config_records[CONFIG])
     cfg = config_from_json(str(config["experiment"]))
     suite = load_suite(cfg.data, cfg.seed)
     bundle = cached_bundle(cfg, suite.label_names)
+    partition_id, num_partitions = _partition(context, config)
     data_path = context.node_config.get("data-path")
     if data_path:  # a real device with its own data
         task = context.node_config.get("task")
         examples = local_examples(suite, str(data_path), str(task) if task else None)
     else:
-        partition_id, num_partitions = _partition(context, config)
         examples = client_examples(cfg.data, partition_id, num_partitions, cfg.seed)
     set_tensors(bundle.model, content.array_records[GLOBAL].to_torch_state_dict())
     local = context.state.array_records.get(LOCAL_STATE)
     set_tensors(bundle.model, local.to_torch_state_dict() if local is not None else bundle.initial_local)
-    return cfg, bundle, examples, int(config.get("round", 0))
+    return ClientRound(cfg, suite, bundle, examples, int(config.get("round", 0)), partition_id, num_partitions)
+
+
+def _count_rounds(context: Context) -> int:
+    """How many rounds this client's state has seen, this one included (kept in context.state)."""
+    seen = context.state.config_records.get(ROUNDS_STATE)
+    rounds_here = int(seen["n"]) + 1 if seen is not None else 1
+    context.state[ROUNDS_STATE] = ConfigRecord({"n": rounds_here})
+    return rounds_here
 
 
 def train_round(content: RecordDict, context: Context) -> RecordDict:
     """One client round: returns the reply content (delta of the global group + metrics)."""
-    cfg, bundle, examples, server_round = _prepare(content, context)
+    job = _prepare(content, context)
+    cfg, bundle = job.cfg, job.bundle
     before = get_tensors(bundle.model, bundle.groups.global_names)
-    suite = load_suite(cfg.data, cfg.seed)
-    trainer = TRAINERS.get(cfg.client.trainer)
-    ctx = TrainContext(cfg.client, suite.label_ranges, cfg.model.max_length,
-                       seed=cfg.seed * 100_003 + server_round * 1_009 + int(context.node_config.get("partition-id", 0)),
+    ctx = TrainContext(cfg.client, job.suite.label_ranges, cfg.model.max_length,
+                       seed=cfg.seed * 100_003 + job.server_round * 1_009 + int(context.node_config.get("partition-id", 0)),
                        anchor=before if cfg.client.prox_mu > 0 else None)
-    result = trainer(bundle, examples, ctx)
-    rounds_here = int(context.state.config_records[ROUNDS_STATE]["n"]) + 1 if ROUNDS_STATE in context.state.config_records else 1
-    context.state[ROUNDS_STATE] = ConfigRecord({"n": rounds_here})  # how many rounds this client's state has seen
+    result = TRAINERS.get(cfg.client.trainer)(bundle, job.examples, ctx)
     local_norm = 0.0
     if bundle.groups.local_names:
         local = get_tensors(bundle.model, bundle.groups.local_names)
         context.state[LOCAL_STATE] = ArrayRecord(torch_state_dict=local)
         local_norm = float(sum(t.double().pow(2).sum() for t in local.values()) ** 0.5)
     delta = subtract(get_tensors(bundle.model, bundle.groups.global_names), before)
-    own_tasks = set(examples.tasks)
-    metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(examples),
+    own_tasks = set(job.examples.tasks)
+    metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(job.examples),
                "task": own_tasks.pop() if len(own_tasks) == 1 else -1, "local_norm": local_norm,
-               "local_rounds": rounds_here}
-    partition_id, num_partitions = _partition(context, dict(content.config_records[CONFIG]))
-    if partition_id >= 0:
-        metrics["partition"] = partition_id
+               "local_rounds": _count_rounds(context)}
+    if job.partition_id >= 0:
+        metrics["partition"] = job.partition_id
     for fault in cfg.client.faults:
-        if fault.hits(partition_id, num_partitions, cfg.seed):
+        if fault.hits(job.partition_id, job.num_partitions, cfg.seed):
             delta = apply_fault(fault, delta, metrics, seed=ctx.seed)
     return reply_content(delta, metrics)
 
@@ -90,18 +109,17 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
 def evaluate_round(content: RecordDict, context: Context) -> RecordDict:
     """Personalised evaluation: global group from the server, local group from the client state,
     on the client's own test partition (a device with its own data: the run's test split of its tasks)."""
-    cfg, bundle, examples, _ = _prepare(content, context)
-    suite = load_suite(cfg.data, cfg.seed)
-    partition_id, num_partitions = _partition(context, dict(content.config_records[CONFIG]))
-    if partition_id >= 0:
-        test = client_examples(cfg.data, partition_id, num_partitions, cfg.seed, split="test")
+    job = _prepare(content, context)
+    cfg = job.cfg
+    if job.partition_id >= 0:
+        test = client_examples(cfg.data, job.partition_id, job.num_partitions, cfg.seed, split="test")
     else:
-        pooled, mine = suite.split("test"), set(examples.tasks)
+        pooled, mine = job.suite.split("test"), set(job.examples.tasks)
         test = pooled.subset([i for i, t in enumerate(pooled.tasks) if t in mine])
-    scores = evaluate_tasks(bundle, bundle.model, suite, test, cfg.eval.batch_size, cfg.model.max_length)
+    scores = evaluate_tasks(job.bundle, job.bundle.model, job.suite, test, cfg.eval.batch_size, cfg.model.max_length)
     metrics = {"accuracy": scores["accuracy"], "eval_loss": scores["eval_loss"], NUM_EXAMPLES: len(test)}
-    if partition_id >= 0:
-        metrics["partition"] = partition_id
+    if job.partition_id >= 0:
+        metrics["partition"] = job.partition_id
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 

@@ -122,10 +122,13 @@ class FederatedRun:
         self.echo(f"fedllm: resuming {run_dir} after round {state['round']}")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, examples=None) -> dict[str, float]:
-        set_tensors(self.bundle.model, self.global_params)
-        return evaluate_tasks(self.bundle, self.bundle.model, self.suite, self.test if examples is None else examples,
-                              self.cfg.eval.batch_size, self.cfg.model.max_length)
+    def score(self, params: dict[str, torch.Tensor], examples) -> dict[str, float]:
+        set_tensors(self.bundle.model, params)
+        return evaluate_tasks(self.bundle, self.bundle.model, self.suite, examples, self.cfg.eval.batch_size,
+                              self.cfg.model.max_length)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.score(self.global_params, self.test)
 
     def choose_scale(self, fused: torch.Tensor | None) -> tuple[float, dict[str, float]]:
         """Lambda search (Ilharco et al.): the scale with the best mean validation accuracy."""
@@ -133,9 +136,8 @@ class FederatedRun:
             return 1.0, {}
         scores = {}
         for lam in self.cfg.strategy.lr_grid:
-            set_tensors(self.bundle.model, apply_update(self.global_params, fused, self.layout, lam))
-            scores[str(lam)] = evaluate_tasks(self.bundle, self.bundle.model, self.suite, self.validation,
-                                              self.cfg.eval.batch_size, self.cfg.model.max_length)["accuracy"]
+            candidate = apply_update(self.global_params, fused, self.layout, lam)
+            scores[str(lam)] = self.score(candidate, self.validation)["accuracy"]
         return max(self.cfg.strategy.lr_grid, key=lambda lam: scores[str(lam)]), scores
 
     def evaluate_federated(self, rnd: int) -> dict:
