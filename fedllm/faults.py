@@ -6,19 +6,21 @@ corrupt their reply after honest training:
 - Byzantine updates that pass the server's format checks: ``sign_flip`` (-scale x delta),
   ``scale`` (scale x delta), ``random`` (Gaussian noise of the honest delta's norm x scale);
 - broken payloads the server must reject: ``nan``, ``wrong_shape``, ``wrong_names``, ``huge_norm``;
-- failures: ``crash`` (the ClientApp raises) and ``no_examples`` (reports zero examples).
+- failures: ``crash`` (the ClientApp raises), ``no_examples`` (reports zero examples) and ``slow``
+  (replies after ``delay`` seconds, e.g. past ``strategy.round_timeout``, like a device on a bad link).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 FaultKind = Literal["sign_flip", "scale", "random", "nan", "wrong_shape", "wrong_names", "huge_norm", "crash",
-                    "no_examples"]
+                    "no_examples", "slow"]
 
 
 class FaultSpec(BaseModel):
@@ -27,9 +29,12 @@ class FaultSpec(BaseModel):
     clients: list[int] = Field(default_factory=list, description="partition ids that misbehave")
     fraction: float = Field(0.0, ge=0.0, le=1.0, description="or this fraction of partitions, drawn with the seed")
     scale: PositiveFloat = 1.0
+    delay: float = Field(0.0, ge=0.0, description="seconds a 'slow' client waits before replying")
 
     @model_validator(mode="after")
     def _who(self) -> "FaultSpec":
+        if self.kind == "slow" and self.delay <= 0:
+            raise ValueError("fault 'slow': give 'delay' (seconds > 0) to wait before replying")
         if not self.clients and self.fraction == 0.0:
             raise ValueError(f"fault {self.kind!r}: give 'clients' (partition ids) or a 'fraction' > 0")
         return self
@@ -52,6 +57,9 @@ def apply_fault(spec: FaultSpec, delta: dict[str, torch.Tensor], metrics: dict, 
     """The corrupted reply tensors (``metrics`` is changed in place for ``no_examples``)."""
     if spec.kind == "crash":
         raise ClientCrash("injected fault: client crashed during training")
+    if spec.kind == "slow":
+        time.sleep(spec.delay)
+        return delta
     if spec.kind == "no_examples":
         metrics["num-examples"] = 0
         return delta

@@ -161,8 +161,8 @@ class FederatedRun:
                 "client_accuracy": dict(sorted(per_client.items()))}
 
     # ------------------------------------------------------------------ one round
-    def collect(self, rnd: int) -> tuple[list[int], list, list[ClientUpdate], list[str]]:
-        """Sample clients, send the global group, and check every reply."""
+    def collect(self, rnd: int) -> tuple[list[int], list, list[ClientUpdate], list[str], list[int]]:
+        """Sample clients, send the global group, and check every reply; also the nodes that never replied."""
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.strategy.min_clients)
         k = max(cfg.strategy.min_clients, round(cfg.strategy.fraction_train * len(nodes)))
@@ -181,10 +181,11 @@ class FederatedRun:
         rejected += outliers
         for why in rejected:
             log.warning("round %d: rejected reply: %s", rnd, why)
-        if len(replies) < len(sampled):
-            log.warning("round %d: %d of %d sampled clients did not reply within %ss", rnd,
-                        len(sampled) - len(replies), len(sampled), cfg.strategy.round_timeout)
-        return sampled, replies, updates, rejected
+        missing = sorted(set(sampled) - {r.metadata.src_node_id for r in replies})
+        if missing:
+            log.warning("round %d: %d of %d sampled clients did not reply within %ss: nodes %s", rnd,
+                        len(missing), len(sampled), cfg.strategy.round_timeout, missing)
+        return sampled, replies, updates, rejected, missing
 
     def update(self, rnd: int, updates: list[ClientUpdate]) -> dict:
         """Channel, fusion, scale, optional realignment and fusion metrics; updates the global group."""
@@ -223,9 +224,10 @@ class FederatedRun:
     def round(self, rnd: int) -> dict:
         cfg = self.cfg
         t0 = time.monotonic()
-        sampled, replies, updates, rejected = self.collect(rnd)
+        sampled, replies, updates, rejected, missing = self.collect(rnd)
         record: dict = {"round": rnd, "clients_sampled": len(sampled), "clients_replied": len(replies),
-                        "clients_used": len(updates), "clients_missing": len(sampled) - len(replies),
+                        "clients_used": len(updates), "clients_missing": len(missing),
+                        "missing_nodes": missing,
                         "rejected": rejected, "bytes_up": self.payload_bytes * len(replies),
                         "bytes_down": self.payload_bytes * len(sampled), "bytes_up_per_client": self.payload_bytes}
         if len(updates) < cfg.strategy.min_clients:

@@ -42,6 +42,8 @@ def test_fault_fraction_is_seeded_and_config_is_validated():
         load_config(None, "client.faults=[{kind: nan}]")
     with pytest.raises(ConfigError, match="client.faults.0.kind"):
         load_config(None, "client.faults=[{kind: melt, clients: [1]}]")
+    with pytest.raises(ConfigError, match="give 'delay'"):
+        load_config(None, "client.faults=[{kind: slow, clients: [1]}]")
 
 
 def test_outlier_norms_are_rejected_against_the_median():
@@ -74,3 +76,15 @@ def test_too_few_good_replies_skip_the_round_without_crashing(tiny_overrides, tm
     assert rounds[1]["skipped"] and rounds[1]["clients_used"] == 2
     assert rounds[1]["accuracy"] == rounds[0]["accuracy"]  # the global model did not move
     assert (run_dir / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_slow_client_is_left_behind_at_the_round_timeout(tiny_overrides, tmp_path):
+    cfg = load_config(None, [*tiny_overrides, "client.faults=[{kind: slow, clients: [2], delay: 40}]",
+                             "strategy.round_timeout=20", "strategy.min_clients=2", "rounds=1"])
+    _simulate(cfg, 3)
+    rounds = read_metrics(next((tmp_path / "results").glob("*/*")))
+    assert rounds[1]["clients_sampled"] == 3 and rounds[1]["clients_used"] == 2
+    assert rounds[1]["clients_missing"] == 1 and len(rounds[1]["missing_nodes"]) == 1
+    assert not rounds[1].get("skipped") and rounds[1]["accuracy"] > rounds[0]["accuracy"]
+    assert 20 <= rounds[1]["round_time"] < 40  # the server moved on at the timeout, not when the slow client replied
