@@ -35,11 +35,13 @@ def run(
     """Run one experiment YAML in a local simulation with CLIENTS edge clients."""
     from fedllm.config import ConfigError, load_config
 
+    from fedllm.data import DataError
+
     try:
         cfg = load_config(experiment, set_ or [])
-    except ConfigError as err:
+        simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume)
+    except (ConfigError, DataError) as err:
         _fail(str(err))
-    simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume)
 
 
 def _fail(message: str) -> None:
@@ -72,8 +74,11 @@ def simulate(cfg, clients: int, cpus_per_client: float = 1.0, resume: Path | Non
     from flwr.simulation import run_simulation
 
     from fedllm.client_app import app as client_app
+    from fedllm.data import check_partitions, load_suite
     from fedllm.server_app import make_server_app
 
+    load_suite(cfg.data, cfg.seed)  # data errors surface here, one line, before Ray starts or a folder is made
+    check_partitions(cfg.data, clients, cfg.seed)
     out: list[Path] = []
     run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=RoundProgress(cfg.rounds)),
                    client_app=client_app,
@@ -95,6 +100,7 @@ def compare(
 ) -> None:
     """Run what has no results yet (cached by config hash), then print and save a comparison."""
     from fedllm.config import ConfigError
+    from fedllm.data import DataError
     from fedllm.report import load_run, write_report
     from fedllm.sweep import finished_run, plan
 
@@ -112,7 +118,10 @@ def compare(
             folders.append(cached)
         else:
             typer.echo(f"{label}: running")
-            folders.append(simulate(planned.config, planned.config.data.num_clients or clients))
+            try:
+                folders.append(simulate(planned.config, planned.config.data.num_clients or clients))
+            except DataError as err:
+                _fail(f"{planned.source}: {err}")
     out = out or Path("results") / "compare" / runs[0].config.digest()
     unique = list(dict.fromkeys(folders))  # sweep points that resolve to the same config share one run
     md, plots = write_report([load_run(f) for f in unique], out)

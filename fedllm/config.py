@@ -388,7 +388,10 @@ def load_config(path: str | Path | None, overrides: str | list[str] | None = Non
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"experiment file {p} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(f"experiment file {p}{where} is not valid YAML: {what}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

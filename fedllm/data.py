@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -259,7 +260,15 @@ def partition_indices(examples: Examples, num_clients: int, scheme: str, alpha: 
             min_partition_size=1, self_balancing=False, seed=seed,
         )
     partitioner.dataset = ds
-    return [sorted(partitioner.load_partition(c)["idx"]) for c in range(num_clients)]
+    with warnings.catch_warnings():  # flwr-datasets warns on every resampling; its final error says it all
+        warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
+        try:
+            return [sorted(partitioner.load_partition(c)["idx"]) for c in range(num_clients)]
+        except ValueError as exc:
+            raise DataError(
+                f"data: Dirichlet(alpha={alpha}) over {n} examples leaves some of {num_clients} clients empty "
+                f"even after resampling ({exc}); use fewer clients (data.num_clients), more data "
+                "(data.max_train_per_task) or a larger data.alpha") from None
 
 
 @lru_cache(maxsize=8)
@@ -286,6 +295,18 @@ def client_examples(section: DataSection, partition_id: int, num_partitions: int
             "use fewer clients, more data or a larger alpha"
         )
     return train.subset(mine)
+
+
+def check_partitions(section: DataSection, num_partitions: int, seed: int) -> None:
+    """Fail before any training (and before a results folder exists) when some client's training
+    partition would be empty: one clear error instead of every round failing on that client."""
+    _, parts = _partitions(section.model_dump_json(), "train", num_partitions, seed)
+    empty = [c for c, p in enumerate(parts) if not p]
+    if empty:
+        raise DataError(
+            f"data: {len(empty)} of {num_partitions} clients get an empty train partition (clients {empty[:10]}) "
+            f"under partition={section.partition}" + (f" alpha={section.alpha}" if section.partition == "dirichlet" else "")
+            + "; use fewer clients (data.num_clients), more data (data.max_train_per_task) or a larger data.alpha")
 
 
 def local_examples(suite: TaskSuite, path: str, task: str | None = None) -> Examples:

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from channels import build_channel
 from fedllm.aggregation import DPSettings, apply_update, fuse_updates
 from fedllm.config import ConfigError, ExperimentConfig, load_config
-from fedllm.data import load_suite
+from fedllm.data import DataError, check_partitions, load_suite
 from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.privacy import gaussian_epsilon
 from fedllm.realign import few_shot_set, realign
@@ -79,6 +79,8 @@ class FederatedRun:
                  resume: Path | None = None) -> None:
         self.grid, self.cfg, self.echo = grid, cfg, echo
         self.suite = load_suite(cfg.data, cfg.seed)
+        if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
+            check_partitions(cfg.data, cfg.data.num_clients, cfg.seed)
         self.test = self.suite.split("test")
         self.validation = self.suite.split("validation")
         self.bundle = build_bundle(cfg, self.suite.label_names)
@@ -310,7 +312,11 @@ def make_server_app(cfg: ExperimentConfig | None = None, on_done: Callable[[Path
     def main(grid: Grid, context: Context) -> None:
         resume_dir = resume or (Path(str(context.run_config["resume"])).expanduser()
                                 if context.run_config.get("resume") else None)
-        run_dir = run_experiment(grid, cfg or config_from_run_config(context.run_config), echo, resume_dir)
+        try:
+            run_dir = run_experiment(grid, cfg or config_from_run_config(context.run_config), echo, resume_dir)
+        except (ConfigError, DataError) as err:  # the user's input: one line that names it, then fail the run
+            log.error("fedllm: %s", err)
+            raise
         if on_done is not None:
             on_done(run_dir)
 

@@ -48,3 +48,35 @@ def test_round_progress_follows_the_servers_round_lines(capsys):
     assert progress.bar.n == 3
     progress("fedllm: done in 1.0s")
     assert "[round 1/3] train_loss=1.0" in capsys.readouterr().out
+
+
+def _run_fails(tmp_path, *overrides: str, experiment: Path = REPO / "experiments" / "fedavg_lora.yaml") -> str:
+    """``fedllm run`` exits 2 with one line naming the problem, before any results folder exists."""
+    result = runner.invoke(app, ["run", str(experiment), "--set", f"output.dir={tmp_path / 'results'}",
+                                 *[a for o in overrides for a in ("--set", o)]])
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "results").exists()
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+def test_data_errors_are_one_line_and_leave_no_results(tmp_path):
+    missing = _run_fails(tmp_path, f"data.tasks=[{{name: mine, source: local, path: {tmp_path / 'none.jsonl'}}}]")
+    assert "task 'mine': data path not found" in missing and "none.jsonl" in missing
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "a", "label": 7}\n')
+    (data / "test.jsonl").write_text('{"text": "b", "label": 0}\n')
+    (data / "labels.json").write_text('["x", "y"]')
+    bad_label = _run_fails(tmp_path, f"data.tasks=[{{name: mine, source: local, path: {data}}}]")
+    assert "label 7 out of range 0..1" in bad_label and "d (train)" in bad_label
+    empty = _run_fails(tmp_path, "data.tasks=[topic]", "data.max_train_per_task=6", "data.num_clients=8")
+    assert "cannot fill 8 clients" in empty
+
+
+def test_unreadable_yaml_is_one_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rounds: [1, 2\nstrategy: {name: fedavg")
+    message = _run_fails(tmp_path, experiment=broken)
+    assert "broken.yaml" in message and "YAML" in message
