@@ -378,26 +378,28 @@ def config_from_dict(raw: dict[str, Any], overrides: str | list[str] | None = No
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def read_experiment_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in an experiment file; missing files and YAML errors in one line (file:line:column)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment file not found: {p} (give a path to a YAML file)")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"experiment file {p}{where} is not valid YAML: {what}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"experiment file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: str | list[str] | None = None) -> ExperimentConfig:
     """Load an experiment YAML (``None``: all defaults) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"experiment file not found: {p} (give a path to a YAML file)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-            what = " ".join(str(getattr(exc, "problem", None) or exc).split())
-            raise ConfigError(f"experiment file {p}{where} is not valid YAML: {what}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"experiment file {p} must hold a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
-    return config_from_dict(raw, overrides)
+    return config_from_dict(read_experiment_yaml(path) if path else {}, overrides)
 
 
 def config_from_json(text: str) -> ExperimentConfig:

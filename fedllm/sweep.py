@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fedllm.config import ConfigError, ExperimentConfig, config_from_dict
+from fedllm.config import ConfigError, ExperimentConfig, config_from_dict, read_experiment_yaml
 
 
 @dataclass
@@ -23,18 +23,6 @@ class PlannedRun:
     source: Path
     overrides: dict[str, Any]  # the sweep point (dotted keys), for labels
     config: ExperimentConfig
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"experiment file {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"experiment file {path} must hold a mapping of sections")
-    return raw
 
 
 def expand_sweep(sweep: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,7 +50,7 @@ def plan(paths: list[Path], extra_overrides: list[str] | None = None) -> list[Pl
         raise ConfigError(f"no experiment YAML found in {', '.join(map(str, paths))}")
     runs = []
     for path in files:
-        raw = _read_yaml(path)
+        raw = read_experiment_yaml(path)
         sweep = raw.pop("sweep", None)
         for point in expand_sweep(sweep) if sweep is not None else [{}]:
             try:
