@@ -1,8 +1,8 @@
-"""The trainer interface shared by supervised PEFT and (later) RL trainers."""
+"""The trainer interface shared by the supervised PEFT and the RL trainers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 from fedllm.registry import Registry
 
 if TYPE_CHECKING:
-    from fedllm.config import ClientSection
+    from fedllm.config import ClientSection, RLSection
     from fedllm.data import Examples
     from fedllm.models import ModelBundle
 
@@ -25,6 +25,9 @@ class TrainContext:
     # The global group as received, for a proximal term mu/2 ||w - anchor||^2 (FedProx, PFTT's
     # personalised loss); None when client.prox_mu is 0.
     anchor: "dict[str, torch.Tensor] | None" = None
+    # RL instruction tuning: this client's weights over the named rewards of cfg.rl.
+    preference: "dict[str, float] | None" = None
+    rl: "RLSection | None" = None
 
 
 def proximal_term(model: "torch.nn.Module", anchor: "dict[str, torch.Tensor]", mu: float) -> "torch.Tensor":
@@ -43,6 +46,7 @@ class TrainResult:
     loss: float  # mean training loss over the steps taken
     steps: int
     examples_seen: int
+    extra: dict[str, float] = field(default_factory=dict)  # trainer-specific metrics for the reply
 
 
 class Trainer(Protocol):

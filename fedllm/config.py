@@ -204,6 +204,54 @@ class ChannelSection(BaseModel):
         return dict(self.model_extra or {})
 
 
+DEFAULT_REWARDS = {
+    "correct": {"kind": "exact_answer"},
+    "concise": {"kind": "length", "target": 2},
+    "polite": {"kind": "tone"},
+    "helpful": {"kind": "similarity"},
+}
+
+
+class RLSection(_Section):
+    """RL instruction tuning (PFIT): prompts, named rewards, each client's preference over them."""
+
+    prompts: str = Field("embedded", description="'embedded' or a folder with Alpaca-style train/test.jsonl")
+    max_train_prompts: PositiveInt | None = None
+    max_test_prompts: PositiveInt = 24
+    # name -> {kind: <reward kind>, ...its parameters}; see clients/rewards.py
+    rewards: dict[str, dict[str, Any]] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
+    # One mix per client (partition p uses preferences[p % len]); weights over reward names.
+    preferences: list[dict[str, float]] = Field(
+        default_factory=lambda: [{"correct": 1.0, "concise": 1.0}, {"correct": 1.0, "polite": 1.0}])
+    # Instead: draw each client's weights over all rewards from a seeded Dirichlet(alpha).
+    preference_alpha: PositiveFloat | None = None
+    num_generations: int = Field(4, ge=2, description="completions per prompt (GRPO group size)")
+    max_new_tokens: PositiveInt = 20
+    temperature: PositiveFloat = 1.0
+    beta: float = Field(0.04, ge=0.0, description="weight of the KL penalty to the reference policy")
+    # Supervised instruction tuning that makes the embedded tiny policy (once, cached on disk).
+    sft_steps: int = Field(600, ge=0)
+    sft_lr: PositiveFloat = 3e-3
+
+    @model_validator(mode="after")
+    def _rewards_and_preferences(self) -> "RLSection":
+        from clients.rewards import validate_reward
+
+        for name, spec in self.rewards.items():
+            validate_reward(name, spec)
+        for i, pref in enumerate(self.preferences):
+            unknown = sorted(set(pref) - set(self.rewards))
+            if unknown:
+                raise ValueError(f"rl.preferences.{i}: unknown reward(s) {unknown}; defined in rl.rewards: "
+                                 f"{sorted(self.rewards)}")
+            if not pref or any(w < 0 for w in pref.values()) or sum(pref.values()) <= 0:
+                raise ValueError(f"rl.preferences.{i}: give non-negative weights with a positive sum, e.g. "
+                                 "{correct: 1.0, concise: 0.5}")
+        if not self.preferences and self.preference_alpha is None:
+            raise ValueError("rl.preferences: give at least one preference (or rl.preference_alpha)")
+        return self
+
+
 class EvalSection(_Section):
     every: PositiveInt = 1
     batch_size: PositiveInt = 64
@@ -232,6 +280,23 @@ class ExperimentConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     seed: int = 0
     output: OutputSection = Field(default_factory=OutputSection)
+    rl: RLSection | None = Field(None, description="RL instruction tuning (PFIT); needs client.trainer: rl")
+
+    @model_validator(mode="after")
+    def _rl_goes_with_the_rl_trainer(self) -> "ExperimentConfig":
+        if (self.rl is not None) != (self.client.trainer == "rl"):
+            raise ValueError("client.trainer 'rl' and an 'rl:' section go together (RL instruction tuning of a "
+                             "causal language model); set both or neither")
+        if self.rl is not None and (self.strategy.name == "rmtllmf" or self.eval.fusion_metrics):
+            raise ValueError("RL instruction tuning has no labelled tasks: strategy 'rmtllmf' and eval.fusion_metrics "
+                             "do not apply; use fedavg, personalized or local_only")
+        if self.rl is not None and self.client.batch_size % self.rl.num_generations:
+            raise ValueError(f"client.batch_size {self.client.batch_size} must be a multiple of rl.num_generations "
+                             f"{self.rl.num_generations} (each step scores whole groups of completions)")
+        if self.rl is not None and self.strategy.server_lr == "auto":
+            raise ValueError("strategy.server_lr 'auto' picks a scale by validation accuracy, which RL instruction "
+                             "tuning has not; give a number")
+        return self
 
     @model_validator(mode="after")
     def _dp_is_for_averaging(self) -> "ExperimentConfig":

@@ -89,7 +89,7 @@ def build_label_embedding_model(cfg: ExperimentConfig, label_names: list[str], s
     return LabelEmbeddingClassifier(encoder, label_embeddings, cfg.model.temperature)
 
 
-def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> torch.nn.Module:
+def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int, causal_lm: bool = False) -> torch.nn.Module:
     """Add adapters and/or LoRA and set what trains: by ``peft.method``, minus ``frozen_patterns``."""
     torch.manual_seed(seed + 1)
     if cfg.peft.adapter_size:
@@ -98,7 +98,8 @@ def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> torch
         from peft import LoraConfig, TaskType, get_peft_model
 
         lora = LoraConfig(
-            task_type=TaskType.SEQ_CLS if cfg.model.head == "linear" else None, r=cfg.peft.r,
+            task_type=(TaskType.CAUSAL_LM if causal_lm else TaskType.SEQ_CLS if cfg.model.head == "linear" else None),
+            r=cfg.peft.r,
             lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
         )
         try:

@@ -56,6 +56,12 @@ class ResultsWriter:
         atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
         (self.dir / "summary.json").unlink(missing_ok=True)
 
+    def log_samples(self, rnd: int, samples: list[dict[str, str]]) -> None:
+        """A few generations of the global policy per evaluated round (samples.jsonl)."""
+        with (self.dir / "samples.jsonl").open("a") as fh:
+            for sample in samples:
+                fh.write(json.dumps({"round": rnd, **sample}) + "\n")
+
     def log_round(self, record: dict[str, Any]) -> None:
         record = {k: _jsonable(v) for k, v in record.items()}
         self.records.append(record)

@@ -26,6 +26,8 @@ from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.privacy import gaussian_epsilon
 from fedllm.realign import few_shot_set, realign
 from fedllm.models import build_bundle
+from fedllm.pfit import evaluate_policy, preferences_of
+from fedllm.policy import build_policy
 from fedllm.payload import (METRICS, ClientUpdate, RejectedReply, parse_reply, reject_outlier_norms,
                             round_content)
 from fedllm.results import ResultsWriter, load_checkpoint, save_checkpoint
@@ -78,12 +80,18 @@ class FederatedRun:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
                  resume: Path | None = None) -> None:
         self.grid, self.cfg, self.echo = grid, cfg, echo
-        self.suite = load_suite(cfg.data, cfg.seed)
-        if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
-            check_partitions(cfg.data, cfg.data.num_clients, cfg.seed)
-        self.test = self.suite.split("test")
-        self.validation = self.suite.split("validation")
-        self.bundle = build_bundle(cfg, self.suite.label_names)
+        # The score that names a run: accuracy of a classifier, mean mixed reward of a policy (PFIT).
+        self.metric = "reward" if cfg.rl is not None else "accuracy"
+        if cfg.rl is not None:
+            self.suite, self.test, self.validation = None, None, None
+            self.bundle = build_policy(cfg)
+        else:
+            self.suite = load_suite(cfg.data, cfg.seed)
+            if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
+                check_partitions(cfg.data, cfg.data.num_clients, cfg.seed)
+            self.test = self.suite.split("test")
+            self.validation = self.suite.split("validation")
+            self.bundle = build_bundle(cfg, self.suite.label_names)
         self.global_params = dict(self.bundle.initial_global)
         self.layout = Layout.of(self.global_params)
         self.payload_bytes = self.layout.numel * 4
@@ -129,8 +137,21 @@ class FederatedRun:
         return evaluate_tasks(self.bundle, self.bundle.model, self.suite, examples, self.cfg.eval.batch_size,
                               self.cfg.model.max_length)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, rnd: int = 0) -> dict[str, float]:
+        if self.cfg.rl is not None:
+            return self.evaluate_policy(rnd)
         return self.score(self.global_params, self.test)
+
+    def evaluate_policy(self, rnd: int) -> dict:
+        """The global policy (its local part at the initial value) under every client's preference."""
+        set_tensors(self.bundle.model, self.global_params)
+        set_tensors(self.bundle.model, self.bundle.initial_local)
+        prefs = preferences_of(self.cfg, self.cfg.data.num_clients or len(self.grid.get_node_ids()) or 1)
+        scores = evaluate_policy(self.bundle, self.cfg, prefs)
+        self.writer.log_samples(rnd, scores.samples)
+        return {"reward": sum(scores.per_preference) / len(prefs), "kl": scores.kl,
+                **{f"reward/p{j}": r for j, r in enumerate(scores.per_preference)},
+                **{f"score/{k}": v for k, v in scores.per_reward.items()}}
 
     def choose_scale(self, fused: torch.Tensor | None) -> tuple[float, dict[str, float]]:
         """Lambda search (Ilharco et al.): the scale with the best mean validation accuracy."""
@@ -149,18 +170,25 @@ class FederatedRun:
         content = round_content(self.global_params, self.config_json, rnd, cfg.data.num_clients or 0)
         messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         per_client: dict[str, float] = {}
+        rows: dict[str, list[float]] = {}  # PFIT: each client's policy under every client's preference
         for reply in self.grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
             if reply.has_error() or METRICS not in reply.content.metric_records:
                 log.warning("round %d: evaluation failed on client %s", rnd, reply.metadata.src_node_id)
                 continue
             metrics = dict(reply.content.metric_records[METRICS])
             name = f"p{int(metrics['partition'])}" if "partition" in metrics else f"n{reply.metadata.src_node_id}"
-            per_client[name] = float(metrics["accuracy"])
+            per_client[name] = float(metrics[self.metric])
+            if self.cfg.rl is not None:
+                rows[name] = [float(metrics[k]) for k in sorted((k for k in metrics if k.startswith("reward/p")),
+                                                                 key=lambda k: int(k.removeprefix("reward/p")))]
         if not per_client:
             return {}
-        accs = list(per_client.values())
-        return {"personalized_accuracy": sum(accs) / len(accs), "worst_client_accuracy": min(accs),
-                "client_accuracy": dict(sorted(per_client.items()))}
+        vals, m = list(per_client.values()), self.metric
+        out = {f"personalized_{m}": sum(vals) / len(vals), f"worst_client_{m}": min(vals),
+               f"client_{m}": dict(sorted(per_client.items()))}
+        if rows:
+            out["preference_matrix"] = dict(sorted(rows.items(), key=lambda kv: int(kv[0][1:])))
+        return out
 
     # ------------------------------------------------------------------ one round
     def collect(self, rnd: int) -> tuple[list[int], list, list[ClientUpdate], list[str], list[int]]:
@@ -240,7 +268,7 @@ class FederatedRun:
             record.update(self.update(rnd, updates))
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             if cfg.eval.centralized:
-                record.update(self.evaluate())
+                record.update(self.evaluate(rnd))
             if cfg.eval.federated:
                 record.update(self.evaluate_federated(rnd))
         self.totals["bytes_up"] += record["bytes_up"]
@@ -250,10 +278,11 @@ class FederatedRun:
 
     def _echo_round(self, record: dict) -> None:
         rejected, missing = len(record["rejected"]), record["clients_missing"]
+        m = self.metric
         self.echo(f"[round {record['round']}/{self.cfg.rounds}] train_loss={record.get('train_loss', float('nan')):.4f} "
-                  f"accuracy={record.get('accuracy', float('nan')):.4f} "
-                  + (f"personalized={record['personalized_accuracy']:.4f} (worst {record['worst_client_accuracy']:.4f}) "
-                     if "personalized_accuracy" in record else "")
+                  f"{m}={record.get(m, float('nan')):.4f} "
+                  + (f"personalized={record[f'personalized_{m}']:.4f} (worst {record[f'worst_client_{m}']:.4f}) "
+                     if f"personalized_{m}" in record else "")
                   + f"clients={record['clients_used']}/{record['clients_sampled']} "
                   + (f"rejected={rejected} " if rejected else "") + (f"missing={missing} " if missing else "")
                   + f"up={_fmt_bytes(record['bytes_up'])} ({_fmt_bytes(self.payload_bytes)}/client) "
@@ -262,13 +291,15 @@ class FederatedRun:
     # ------------------------------------------------------------------ the whole run
     def run(self) -> Path:
         cfg = self.cfg
-        self.echo(f"fedllm: {cfg.run_name()} | model {cfg.model.name} ({cfg.peft.method}) | tasks "
-                  f"{[t.name for t in self.suite.tasks]} | {self.layout.numel:,} transmitted values "
+        what = (f"tasks {[t.name for t in self.suite.tasks]}" if self.suite is not None
+                else f"RL on {cfg.rl.prompts} prompts, rewards {sorted(cfg.rl.rewards)}")
+        self.echo(f"fedllm: {cfg.run_name()} | model {cfg.model.name} ({cfg.peft.method}) | {what} | "
+                  f"{self.layout.numel:,} transmitted values "
                   f"({_fmt_bytes(self.payload_bytes)}) | results in {self.writer.dir}")
         if self.next_round == 1:
             scores = self.evaluate() if cfg.eval.centralized else {}
             self.writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
-            self.echo(f"[round 0/{cfg.rounds}] accuracy={scores.get('accuracy', float('nan')):.4f} (before training)")
+            self.echo(f"[round 0/{cfg.rounds}] {self.metric}={scores.get(self.metric, float('nan')):.4f} (before training)")
             save_checkpoint(self.writer.dir, self._state())
         start = time.monotonic() - self.totals["elapsed"]
         for rnd in range(self.next_round, cfg.rounds + 1):
@@ -279,18 +310,21 @@ class FederatedRun:
             save_checkpoint(self.writer.dir, self._state())
             self._echo_round(record)
         final = self.writer.records[-1]
+        m = self.metric
         summary = {"experiment": cfg.run_name(), "rounds": cfg.rounds, "final_accuracy": final.get("accuracy"),
-                   **{k: v for k, v in final.items() if k.startswith("accuracy/")},
-                   **{k: final[k] for k in ("personalized_accuracy", "worst_client_accuracy", "dp_epsilon") if k in final},
+                   **({"final_reward": final.get("reward")} if cfg.rl is not None else {}),
+                   **{k: v for k, v in final.items() if k.startswith(("accuracy/", "reward/"))},
+                   **{k: final[k] for k in (f"personalized_{m}", f"worst_client_{m}", "preference_matrix", "dp_epsilon")
+                      if k in final},
                    "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
                    "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
                    "config_digest": cfg.digest()}
         self.writer.finish(self.global_params, summary)
-        final_acc = summary["final_accuracy"]
-        scores = [f"final accuracy {final_acc:.4f}"] if final_acc is not None else []
-        if "personalized_accuracy" in summary:
-            scores.append(f"personalised {summary['personalized_accuracy']:.4f} "
-                          f"(worst client {summary['worst_client_accuracy']:.4f})")
+        final_score = summary.get(f"final_{m}")
+        scores = [f"final {m} {final_score:.4f}"] if final_score is not None else []
+        if f"personalized_{m}" in summary:
+            scores.append(f"personalised {summary[f'personalized_{m}']:.4f} "
+                          f"(worst client {summary[f'worst_client_{m}']:.4f})")
         self.echo(f"fedllm: done in {summary['wall_time']:.1f}s, {', '.join(scores) or 'no evaluation'}, "
                   f"results in {self.writer.dir}")
         return self.writer.dir
