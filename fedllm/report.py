@@ -1,5 +1,8 @@
 """Tables and plots from saved results folders (``fedllm compare`` / ``fedllm report``).
 
+The score is test accuracy, or the mean mixed reward when every run is RL instruction tuning
+(PFIT), whose reports also carry each run's preference matrix.
+
 Runs that differ only in ``seed`` form one row: mean ± std over seeds of the final accuracy,
 uplink bytes and wall time. Plots (PNG): accuracy vs round, accuracy vs cumulative uplink
 bytes, final accuracy vs channel SNR / jammer power (when runs vary it), per-task bars, and
@@ -100,8 +103,15 @@ def series_name(run: RunResult, runs: list[RunResult]) -> str:
     return f"{run.label} ({setting})" if setting else run.label
 
 
+def metric_of(runs: list[RunResult]) -> str:
+    """The score the report ranks by: mean mixed reward when every run is RL instruction tuning
+    (PFIT), test accuracy otherwise."""
+    return "reward" if runs and all(r.config.get("rl") for r in runs) else "accuracy"
+
+
 def summarise(runs: list[RunResult]) -> list[dict[str, Any]]:
     """One row per configuration (seeds pooled), in first-seen order."""
+    m = metric_of(runs)
     groups: dict[str, list[RunResult]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: str(r.path)):
         groups[r.group_key()].append(r)
@@ -109,16 +119,16 @@ def summarise(runs: list[RunResult]) -> list[dict[str, Any]]:
     for members in groups.values():
         first = members[0]
         setting = setting_of(first, runs) or "—"
-        acc = _mean_std([m.summary.get("final_accuracy") for m in members])
-        up = _mean_std([m.summary.get("total_bytes_up") for m in members])
-        wall = _mean_std([m.summary.get("wall_time") for m in members])
+        acc = _mean_std([r.summary.get(f"final_{m}") for r in members])
+        up = _mean_std([r.summary.get("total_bytes_up") for r in members])
+        wall = _mean_std([r.summary.get("wall_time") for r in members])
         rows.append({
             "run": first.label, "setting": setting, "seeds": len(members),
-            "final_accuracy": acc[0], "final_accuracy_std": acc[1],
+            f"final_{m}": acc[0], f"final_{m}_std": acc[1],
             "bytes_up": up[0], "wall_time_s": wall[0], "wall_time_std": wall[1],
-            "normalized_accuracy": _mean_std([m.records[-1].get("normalized_accuracy") for m in members])[0],
-            "personalized_accuracy": _mean_std([m.summary.get("personalized_accuracy") for m in members])[0],
-            "worst_client_accuracy": _mean_std([m.summary.get("worst_client_accuracy") for m in members])[0],
+            "normalized_accuracy": _mean_std([r.records[-1].get("normalized_accuracy") for r in members])[0],
+            f"personalized_{m}": _mean_std([r.summary.get(f"personalized_{m}") for r in members])[0],
+            f"worst_client_{m}": _mean_std([r.summary.get(f"worst_client_{m}") for r in members])[0],
         })
     return rows
 
@@ -136,17 +146,37 @@ def _fmt(value: float, std: float | None = None, digits: int = 4) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| run | setting | seeds | final accuracy | normalised accuracy | personalised (worst client) "
+def markdown_table(rows: list[dict[str, Any]], m: str = "accuracy") -> str:
+    lines = [f"| run | setting | seeds | final {m} | normalised accuracy | personalised {m} (worst client) "
              "| uplink MB | wall time (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        personal = "—" if r["personalized_accuracy"] != r["personalized_accuracy"] else \
-            f"{r['personalized_accuracy']:.4f} ({r['worst_client_accuracy']:.4f})"
-        lines.append(f"| {r['run']} | {r['setting']} | {r['seeds']} | {_fmt(r['final_accuracy'], r['final_accuracy_std'])} "
+        personal = "—" if r[f"personalized_{m}"] != r[f"personalized_{m}"] else \
+            f"{r[f'personalized_{m}']:.4f} ({r[f'worst_client_{m}']:.4f})"
+        lines.append(f"| {r['run']} | {r['setting']} | {r['seeds']} | {_fmt(r[f'final_{m}'], r[f'final_{m}_std'])} "
                      f"| {_fmt(r['normalized_accuracy'])} | {personal} | {r['bytes_up'] / 2**20:.1f} "
                      f"| {_fmt(r['wall_time_s'], r['wall_time_std'], 1)} |")
     return "\n".join(lines) + "\n"
+
+
+def preference_tables(runs: list[RunResult]) -> str:
+    """PFIT's preference matrices: each client's final policy (row) scored under every client's
+    preference (column); a personalised method should win on the diagonal."""
+    out = []
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        matrix = r.records[-1].get("preference_matrix") if r.records else None
+        if not matrix:
+            continue
+        n = len(next(iter(matrix.values())))
+        diag = [row[int(c[1:])] for c, row in matrix.items() if int(c[1:]) < len(row)]
+        off = [v for c, row in matrix.items() for j, v in enumerate(row) if j != int(c[1:])]
+        out += [f"\nPreference matrix of {series_name(r, runs)} (row: client's policy, column: preference; "
+                f"diagonal mean {statistics.fmean(diag):.4f}, off-diagonal {statistics.fmean(off) if off else float('nan'):.4f})\n",
+                "| policy | " + " | ".join(f"pref p{j}" for j in range(n)) + " |",
+                "| --- |" + " --- |" * n]
+        out += [f"| {c} | " + " | ".join(f"**{v:.4f}**" if j == int(c[1:]) else f"{v:.4f}" for j, v in enumerate(row))
+                + " |" for c, row in matrix.items()]
+    return "\n".join(out) + ("\n" if out else "")
 
 
 def csv_table(rows: list[dict[str, Any]]) -> str:
@@ -164,12 +194,12 @@ def _series(runs: list[RunResult]) -> dict[str, list[RunResult]]:
     return out
 
 
-def _mean_curve(members: list[RunResult], x_of) -> tuple[list[float], list[float]]:
+def _mean_curve(members: list[RunResult], x_of, metric: str = "accuracy") -> tuple[list[float], list[float]]:
     points: dict[float, list[float]] = defaultdict(list)
     for m in members:
         for rec, x in zip(m.records, x_of(m)):
-            if rec.get("accuracy") is not None:
-                points[x].append(rec["accuracy"])
+            if rec.get(metric) is not None:
+                points[x].append(rec[metric])
     xs = sorted(points)
     return xs, [statistics.fmean(points[x]) for x in xs]
 
@@ -191,6 +221,8 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     series = _series(runs)
+    metric = metric_of(runs)
+    ylabel = "mean mixed reward (held-out prompts)" if metric == "reward" else "test accuracy (mean over tasks)"
     written = []
     index: dict[str, list[str]] = {}
 
@@ -203,14 +235,14 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    for name, x_of, xlabel in (("accuracy_vs_round.png", lambda m: [r["round"] for r in m.records], "round"),
-                               ("accuracy_vs_uplink.png", _cumulative_bytes, "cumulative uplink (MB)")):
+    for name, x_of, xlabel in ((f"{metric}_vs_round.png", lambda m: [r["round"] for r in m.records], "round"),
+                               (f"{metric}_vs_uplink.png", _cumulative_bytes, "cumulative uplink (MB)")):
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for label, members in series.items():
-            xs, ys = _mean_curve(members, x_of)
+            xs, ys = _mean_curve(members, x_of, metric)
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (mean over tasks)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         save(fig, name)
 
@@ -224,15 +256,15 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
                 continue
             same_name = [o for o in runs if o.label == r.label]
             rest = "; ".join(f"{k}={_lookup(r.config, k)}" for k in _varying_keys(same_name) if k != key)
-            by_rest[f"{r.label} ({rest})" if rest else r.label][float(x)].append(r.summary.get("final_accuracy"))
+            by_rest[f"{r.label} ({rest})" if rest else r.label][float(x)].append(r.summary.get(f"final_{metric}"))
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for label, pts in by_rest.items():
             xs = sorted(pts)
             ax.plot(xs, [statistics.fmean(pts[x]) for x in xs], marker="o", label=label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("final accuracy")
+        ax.set_ylabel(f"final {metric}")
         ax.legend(fontsize=7)
-        save(fig, f"accuracy_vs_{key.split('.')[-1]}.png")
+        save(fig, f"{metric}_vs_{key.split('.')[-1]}.png")
 
     task_names = sorted({k.split("/", 1)[1] for r in runs for k in r.summary if k.startswith("accuracy/")})
     if task_names:
@@ -245,20 +277,21 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
         ax.set_ylabel("final accuracy")
         ax.legend(fontsize=7)
         save(fig, "accuracy_per_task.png")
-    client_runs = {label: members for label, members in series.items() if members[-1].records[-1].get("client_accuracy")}
+    per_client = f"client_{metric}"
+    client_runs = {label: members for label, members in series.items() if members[-1].records[-1].get(per_client)}
     if client_runs:
-        clients = sorted({c for ms in client_runs.values() for c in ms[-1].records[-1]["client_accuracy"]},
+        clients = sorted({c for ms in client_runs.values() for c in ms[-1].records[-1][per_client]},
                          key=lambda c: (len(c), c))
         fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(clients) * len(client_runs)), 4))
         width = 0.8 / len(client_runs)
         for i, (label, members) in enumerate(client_runs.items()):
-            per = [statistics.fmean([m.records[-1]["client_accuracy"].get(c, float("nan")) for m in members])
+            per = [statistics.fmean([m.records[-1][per_client].get(c, float("nan")) for m in members])
                    for c in clients]
             ax.bar([j + i * width for j in range(len(clients))], per, width=width, label=label)
         ax.set_xticks([j + width * (len(client_runs) - 1) / 2 for j in range(len(clients))], clients)
-        ax.set_ylabel("personalised accuracy (own test split)")
+        ax.set_ylabel(f"personalised {metric} (own test split / own preference)")
         ax.legend(fontsize=7)
-        save(fig, "accuracy_per_client.png")
+        save(fig, f"{metric}_per_client.png")
     (out_dir / "plots.json").write_text(json.dumps(index, indent=2))  # plot -> its series, for readers and tests
     return written
 
@@ -268,7 +301,7 @@ def write_report(runs: list[RunResult], out_dir: Path) -> tuple[str, list[Path]]
     if not runs:
         raise FileNotFoundError("no finished runs to report on")
     rows = summarise(runs)
-    md = markdown_table(rows)
+    md = markdown_table(rows, metric_of(runs)) + preference_tables(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(md)
     (out_dir / "table.csv").write_text(csv_table(rows))

@@ -88,3 +88,18 @@ def test_a_slow_client_is_left_behind_at_the_round_timeout(tiny_overrides, tmp_p
     assert rounds[1]["clients_missing"] == 1 and len(rounds[1]["missing_nodes"]) == 1
     assert not rounds[1].get("skipped") and rounds[1]["accuracy"] > rounds[0]["accuracy"]
     assert 20 <= rounds[1]["round_time"] < 40  # the server moved on at the timeout, not when the slow client replied
+
+
+@pytest.mark.slow
+def test_median_survives_sign_flipping_clients_that_break_plain_averaging(tiny_overrides, tmp_path):
+    """20% Byzantine clients (1 of 5, sign-flipped x4); the benchmark is experiments/byzantine/."""
+    final = {}
+    for rule in ("fedavg", "median"):
+        out = tmp_path / rule
+        cfg = load_config(None, [*tiny_overrides, "client.faults=[{kind: sign_flip, clients: [0], scale: 4}]",
+                                 f"strategy.name={rule}", f"output.dir={out}", "rounds=3"])
+        _simulate(cfg, 5)
+        rounds = read_metrics(next(out.glob("*/*")))
+        final[rule] = (rounds[0]["accuracy"], rounds[-1]["accuracy"])
+    assert final["median"][1] > final["median"][0] + 0.15  # robust: keeps learning
+    assert final["median"][1] > final["fedavg"][1] + 0.1  # plain averaging is dragged back
