@@ -141,3 +141,22 @@ def test_two_round_two_client_pfit_run(tmp_path):
     assert (done[0] / "samples.jsonl").read_text().count('"round": 2') == 4
     summary = __import__("json").loads((done[0] / "summary.json").read_text())
     assert summary["final_reward"] == pytest.approx(final["reward"]) and summary["wall_time"] < 90
+
+
+def test_a_causal_lm_from_a_local_folder_is_loaded_tuned_and_generates(tmp_path):
+    """The real loading path (AutoModelForCausalLM/AutoTokenizer.from_pretrained) on a saved model."""
+    from fedllm.policy import tiny_gpt2
+
+    tok = word_tokenizer(embedded_vocabulary())
+    tiny_gpt2(len(tok), seed=3).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    cfg = load_config(None, [*PFIT, f"model.name={tmp_path / 'lm'}", "client.max_steps=2"])
+    bundle = build_policy(cfg)
+    assert set(bundle.groups.global_names) and all("c_attn" in n for n in bundle.groups.global_names)
+    out = generate(bundle, ["question : what colour is snow ? answer :"], 5)
+    assert len(out) == 1 and isinstance(out[0], str)
+    result = TRAINERS.get("rl")(bundle, embedded_instructions(0)[0][:8],
+                                TrainContext(cfg.client, [], 0, seed=0, preference={"concise": 1.0}, rl=cfg.rl))
+    assert result.steps == 2
+    with pytest.raises(ValueError, match="cannot load a causal LM offline"):
+        build_policy(load_config(None, [*PFIT, f"model.name={tmp_path / 'nothing'}"]))
