@@ -267,6 +267,16 @@ class EvalSection(_Section):
 class OutputSection(_Section):
     dir: str = "results"
     name: str | None = None
+    # Also log every round to TensorBoard or MLflow (when installed); see fedllm/tracking.py.
+    tracking: Literal["none", "tensorboard", "mlflow"] = "none"
+
+    @field_validator("tracking")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        from fedllm.tracking import check_installed
+
+        check_installed(value)
+        return value
 
 
 class ExperimentConfig(_Section):
@@ -331,8 +341,14 @@ class ExperimentConfig(_Section):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
     def digest(self) -> str:
-        """Short hash of the resolved config: same config, same hash."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+        """Short hash of what decides a run's results: same config, same hash. Tracking is a view
+        of the results, so it is left out, as is an unset ``rl`` (runs made before PFIT existed
+        keep their hash, so their cached results stay found)."""
+        data = self.model_dump(mode="json")
+        data["output"].pop("tracking", None)
+        if data.get("rl") is None:
+            data.pop("rl", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
         return self.output.name or f"{self.strategy.name}-{self.channel.kind}"

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from fedllm.config import ExperimentConfig
+from fedllm.tracking import Tracker, build_tracker
 
 
 def _jsonable(value: Any) -> Any:
@@ -33,6 +34,8 @@ def atomic_write(path: Path, text: str) -> None:
 class ResultsWriter:
     def __init__(self, cfg: ExperimentConfig, root: Path | None = None, resume_dir: Path | None = None) -> None:
         self.metrics_path: Path
+        self.cfg = cfg
+        self.tracker: Tracker | None = None  # made at the first round logged (output.tracking)
         if resume_dir is not None:
             self.dir = Path(resume_dir)
             if not (self.dir / CHECKPOINT).is_file():
@@ -67,10 +70,17 @@ class ResultsWriter:
         self.records.append(record)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.cfg.output.tracking != "none":
+            if self.tracker is None:
+                self.tracker = build_tracker(self.cfg.output.tracking, self.dir, self.cfg.run_name(),
+                                             self.cfg.model_dump(mode="json"))
+            self.tracker.log_round(record)
 
     def finish(self, global_params: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
         torch.save(global_params, self.dir / "global_params.pt")
         atomic_write(self.dir / "summary.json", json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 CHECKPOINT = "checkpoint.pt"
