@@ -91,11 +91,23 @@ def _varying_keys(runs: list[RunResult]) -> list[str]:
     return [k for k in keys if len({f.get(k) for f in flats}) > 1]
 
 
+def _compact(value: Any) -> str:
+    """A config value for a table cell: lists of mappings (faults, channel chains) without their
+    empty or zero fields, e.g. ``sign_flip fraction=0.2 scale=4.0``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]" if value else "none"
+    if isinstance(value, dict):
+        head = [str(value["kind"])] if "kind" in value else []
+        return " ".join(head + [f"{k}={_compact(v)}" for k, v in value.items()
+                                if k != "kind" and v not in (None, "", [], {}, 0, 0.0)])
+    return str(value)
+
+
 def setting_of(run: RunResult, runs: list[RunResult]) -> str:
     """What sets ``run`` apart from the other runs with the same name: the keys that vary among them."""
     same_name = [r for r in runs if r.label == run.label]
     varying = _varying_keys(same_name)
-    return "; ".join(f"{k}={_lookup(run.config, k)}" for k in varying)
+    return "; ".join(f"{k}={_compact(_lookup(run.config, k))}" for k in varying)
 
 
 def series_name(run: RunResult, runs: list[RunResult]) -> str:
