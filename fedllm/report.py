@@ -107,7 +107,7 @@ def setting_of(run: RunResult, runs: list[RunResult]) -> str:
     """What sets ``run`` apart from the other runs with the same name: the keys that vary among them."""
     same_name = [r for r in runs if r.label == run.label]
     varying = _varying_keys(same_name)
-    return "; ".join(f"{k}={_compact(_lookup(run.config, k))}" for k in varying)
+    return "; ".join(f"{k}={_compact(_lookup(run.config, k))}" for k in varying if _lookup(run.config, k) is not None)
 
 
 def series_name(run: RunResult, runs: list[RunResult]) -> str:
@@ -257,6 +257,18 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         save(fig, name)
+
+    personal = f"personalized_{metric}"
+    personal_runs = {label: ms for label, ms in series.items() if any(personal in r for m in ms for r in m.records)}
+    if personal_runs:  # each client's own model on its own data / preference, mean over clients
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for label, members in personal_runs.items():
+            xs, ys = _mean_curve(members, lambda m: [r["round"] for r in m.records], personal)
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"personalised {metric} (mean over clients)")
+        ax.legend(fontsize=7)
+        save(fig, f"{personal}_vs_round.png")
 
     for key, xlabel in (("channel.snr_db", "channel SNR (dB)"), ("channel.jammer_power_db", "jammer power (dB)")):
         if key not in _varying_keys(runs):
