@@ -8,6 +8,7 @@ global group plus its metrics.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -104,7 +105,9 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
                        seed=cfg.seed * 100_003 + job.server_round * 1_009 + int(context.node_config.get("partition-id", 0)),
                        anchor=before if cfg.client.prox_mu > 0 else None,
                        preference=client_preference(cfg.rl, job.partition_id, cfg.seed) if cfg.rl else None, rl=cfg.rl)
+    started = time.perf_counter()
     result = TRAINERS.get(cfg.client.trainer)(bundle, job.examples, ctx)
+    train_time = time.perf_counter() - started
     local_norm = 0.0
     if bundle.groups.local_names:
         local = get_tensors(bundle.model, bundle.groups.local_names)
@@ -114,7 +117,7 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     own_tasks = set(job.examples.tasks) if isinstance(job.examples, Examples) else set()
     metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(job.examples),
                "task": own_tasks.pop() if len(own_tasks) == 1 else -1, "local_norm": local_norm,
-               "local_rounds": _count_rounds(context), **result.extra}
+               "local_rounds": _count_rounds(context), "train_time": train_time, **result.extra}
     if job.partition_id >= 0:
         metrics["partition"] = job.partition_id
     for fault in cfg.client.faults:

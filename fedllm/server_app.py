@@ -66,6 +66,14 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float = 120.0) -> list[int]
         time.sleep(0.5)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB); in a simulation the server runs in
+    the driver process, so this is the server's."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -246,6 +254,9 @@ class FederatedRun:
                                          cfg.eval.batch_size, cfg.model.max_length))
         examples = sum(u.num_examples for u in updates)
         record["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
+        times = [u.metrics["train_time"] for u in updates if "train_time" in u.metrics]
+        if times:  # where a round's time goes: the slowest client bounds it
+            record["client_train_time_max"], record["client_train_time_mean"] = max(times), sum(times) / len(times)
         if any(u.metrics.get("local_norm") for u in updates):  # personal parts: how far each has moved
             record["client_local_norm"] = {u.client_id: u.metrics["local_norm"] for u in updates}
             record["client_local_rounds"] = {u.client_id: int(u.metrics.get("local_rounds", 0)) for u in updates}
@@ -267,10 +278,12 @@ class FederatedRun:
         else:
             record.update(self.update(rnd, updates))
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            t_eval = time.monotonic()
             if cfg.eval.centralized:
                 record.update(self.evaluate(rnd))
             if cfg.eval.federated:
                 record.update(self.evaluate_federated(rnd))
+            record["eval_time"] = time.monotonic() - t_eval
         self.totals["bytes_up"] += record["bytes_up"]
         self.totals["bytes_down"] += record["bytes_down"]
         record["round_time"] = time.monotonic() - t0
@@ -318,7 +331,7 @@ class FederatedRun:
                       if k in final},
                    "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
                    "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
-                   "config_digest": cfg.digest()}
+                   "config_digest": cfg.digest(), "server_peak_rss_mb": peak_rss_mb()}
         self.writer.finish(self.global_params, summary)
         final_score = summary.get(f"final_{m}")
         scores = [f"final {m} {final_score:.4f}"] if final_score is not None else []

@@ -1,0 +1,36 @@
+"""Helpers the benchmark scripts share: run ``fedllm run`` in a fresh process, time it, read it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fedllm_run(experiment: str, overrides: list[str], clients: int, out_root: Path | None = None) -> dict:
+    """One experiment in its own process (Ray started and stopped inside); returns wall time,
+    the run's summary and its per-round records."""
+    out_root = out_root or Path(tempfile.mkdtemp(prefix="fedllm-bench-"))
+    cmd = [sys.executable, "-m", "fedllm.cli", "run", str(REPO / experiment), "--clients", str(clients),
+           *[a for o in [*overrides, f"output.dir={out_root}"] for a in ("--set", o)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"fedllm run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    run_dir = next(p.parent for p in out_root.rglob("summary.json"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"wall": wall, "summary": json.loads((run_dir / "summary.json").read_text()), "records": records,
+            "dir": str(run_dir)}
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "n": len(values)}

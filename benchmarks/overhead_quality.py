@@ -1,0 +1,154 @@
+"""What federation costs and what it gives up: the same FedAvg-LoRA training through Flower's
+simulation vs a plain loop in one process, and vs centralised training on the pooled data.
+
+    python benchmarks/overhead_quality.py [--clients 4] [--rounds 3] [--steps 20] [--repeats 3]
+        [--out results/benchmarks/overhead_quality.json]
+
+1. Federated: ``fedllm run experiments/fedavg_lora.yaml`` (MiniLM + LoRA r=8) in a fresh process,
+   evaluation only after the last round (and the server's round-0 baseline).
+2. Plain loop: one process builds the model once and, each round, trains every client's
+   partition in turn with the same trainer, seeds and steps, then averages: the same algorithm
+   with no Flower, Ray, messages or processes. Its accuracy should equal the federated one.
+3. Centralised: the same model and trainer on the pooled training data for the same total
+   number of steps (clients x rounds x steps): the quality upper bound at this budget.
+Times are min/median over ``--repeats``; the overhead is the federated process's wall time over
+the plain loop's (model build + training + final evaluation). Where the rest goes comes from the
+federated run's records: process start to round 1 (imports, Ray, model build, round-0
+evaluation), the slowest client's training per round, and the server's evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _runs import REPO, fedllm_run, stats  # noqa: E402
+
+from clients import TRAINERS, TrainContext  # noqa: E402
+from fedllm.config import load_config  # noqa: E402
+from fedllm.data import client_examples, load_suite  # noqa: E402
+from fedllm.metrics import evaluate_tasks  # noqa: E402
+from fedllm.models import build_bundle  # noqa: E402
+from fedllm.vectors import get_tensors, set_tensors  # noqa: E402
+import torch  # noqa: E402
+
+
+def overrides(rounds: int, steps: int) -> list[str]:
+    return [f"rounds={rounds}", f"client.max_steps={steps}", "eval.every=1000"]
+
+
+def plain_loop(cfg, clients: int) -> tuple[float, float]:
+    """FedAvg with the federated run's trainer and seeds, in one process: (seconds, accuracy)."""
+    start = time.perf_counter()
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle = build_bundle(cfg, suite.label_names)
+    names = bundle.groups.global_names
+    global_params = dict(bundle.initial_global)
+    parts = [client_examples(cfg.data, c, clients, cfg.seed) for c in range(clients)]
+    for rnd in range(1, cfg.rounds + 1):
+        total = {n: torch.zeros_like(t) for n, t in global_params.items()}
+        count = 0
+        for c, examples in enumerate(parts):
+            set_tensors(bundle.model, global_params)
+            set_tensors(bundle.model, bundle.initial_local)
+            ctx = TrainContext(cfg.client, suite.label_ranges, cfg.model.max_length,
+                               seed=cfg.seed * 100_003 + rnd * 1_009 + c)
+            TRAINERS.get(cfg.client.trainer)(bundle, examples, ctx)
+            trained = get_tensors(bundle.model, names)
+            for n in names:
+                total[n] += len(examples) * (trained[n] - global_params[n])
+            count += len(examples)
+        global_params = {n: global_params[n] + total[n] / count for n in names}
+    set_tensors(bundle.model, global_params)
+    acc = evaluate_tasks(bundle, bundle.model, suite, suite.split("test"), cfg.eval.batch_size,
+                         cfg.model.max_length)["accuracy"]
+    return time.perf_counter() - start, acc
+
+
+def centralised(cfg, total_steps: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle = build_bundle(cfg, suite.label_names)
+    section = cfg.client.model_copy(update={"max_steps": total_steps, "local_epochs": 1000})
+    TRAINERS.get(cfg.client.trainer)(bundle, suite.split("train"),
+                                     TrainContext(section, suite.label_ranges, cfg.model.max_length, seed=cfg.seed))
+    acc = evaluate_tasks(bundle, bundle.model, suite, suite.split("test"), cfg.eval.batch_size,
+                         cfg.model.max_length)["accuracy"]
+    return time.perf_counter() - start, acc
+
+
+def measure(clients: int, rounds: int, steps: int, repeats: int) -> dict:
+    cfg = load_config(REPO / "experiments" / "fedavg_lora.yaml", overrides(rounds, steps))
+    fed, loop, central = [], [], []
+    for _ in range(repeats):
+        fed.append(fedllm_run("experiments/fedavg_lora.yaml", overrides(rounds, steps), clients))
+        loop.append(plain_loop(cfg, clients))
+        central.append(centralised(cfg, clients * rounds * steps))
+    walls = [f["wall"] for f in fed]
+    best = fed[walls.index(statistics.median(walls))] if repeats % 2 else fed[walls.index(min(walls))]
+    recs = best["records"][1:]
+    rounds_s = sum(r["round_time"] for r in recs)
+    breakdown = {
+        "process_start_to_round_1_s": best["wall"] - best["summary"]["wall_time"],
+        "rounds_s": rounds_s,
+        "slowest_client_training_s": sum(r.get("client_train_time_max", 0.0) for r in recs),
+        "server_evaluation_s": sum(r.get("eval_time", 0.0) for r in recs),
+    }
+    breakdown["rest_of_rounds_s"] = rounds_s - breakdown["slowest_client_training_s"] - breakdown["server_evaluation_s"]
+    fed_acc, loop_acc, central_acc = (best["summary"]["final_accuracy"], statistics.median(a for _, a in loop),
+                                      statistics.median(a for _, a in central))
+    return {
+        "clients": clients, "rounds": rounds, "steps": steps, "repeats": repeats,
+        "federated_wall_s": stats(walls), "plain_loop_s": stats([t for t, _ in loop]),
+        "centralised_s": stats([t for t, _ in central]),
+        "overhead_ratio": statistics.median(walls) / statistics.median(t for t, _ in loop),
+        "overhead_rounds_only_ratio": rounds_s / statistics.median(t for t, _ in loop),
+        "breakdown": breakdown,
+        "federated_accuracy": fed_acc, "plain_loop_accuracy": loop_acc, "centralised_accuracy": central_acc,
+        "quality_ratio": fed_acc / central_acc,
+    }
+
+
+def markdown(r: dict) -> str:
+    b = r["breakdown"]
+    return "\n".join([
+        f"FedAvg-LoRA (MiniLM, {r['clients']} clients, {r['rounds']} rounds x {r['steps']} steps), "
+        f"median (min) of {r['repeats']}:", "",
+        "| | wall s | accuracy |", "| --- | --- | --- |",
+        f"| federated (fedllm run, fresh process) | {r['federated_wall_s']['median']:.1f} "
+        f"({r['federated_wall_s']['min']:.1f}) | {r['federated_accuracy']:.4f} |",
+        f"| plain loop, same algorithm | {r['plain_loop_s']['median']:.1f} ({r['plain_loop_s']['min']:.1f}) "
+        f"| {r['plain_loop_accuracy']:.4f} |",
+        f"| centralised, pooled data, same steps | {r['centralised_s']['median']:.1f} "
+        f"({r['centralised_s']['min']:.1f}) | {r['centralised_accuracy']:.4f} |", "",
+        f"Overhead: federated / plain loop = {r['overhead_ratio']:.2f} (rounds only: "
+        f"{r['overhead_rounds_only_ratio']:.2f}); quality: federated / centralised = {r['quality_ratio']:.3f}. "
+        f"Federated time: {b['process_start_to_round_1_s']:.1f} s start (imports, Ray, model, round-0 eval), "
+        f"{b['rounds_s']:.1f} s rounds = {b['slowest_client_training_s']:.1f} s slowest client training + "
+        f"{b['server_evaluation_s']:.1f} s server evaluation + {b['rest_of_rounds_s']:.1f} s the rest "
+        "(messages, aggregation, other clients).", ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/overhead_quality.json"))
+    args = parser.parse_args()
+    result = measure(args.clients, args.rounds, args.steps, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Every benchmark, each in its own process, and one summary table (JSON + Markdown).
+
+    python benchmarks/run_all.py --quick      # < 10 min on 2 cores
+    python benchmarks/run_all.py              # the full sizes and 3 repeats everywhere
+
+Sections (see each script's docstring): simulation overhead and quality at budget
+(overhead_quality.py), client cost and memory (client_cost.py), scaling in the number of
+clients (scaling.py), fusion throughput on 8 x 22.7M task vectors (fusion_throughput.py) and
+channel throughput (bench_channels.py). Results go to results/benchmarks/ (one JSON per
+script, summary.json and summary.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+PLANS = {
+    # script: (quick args, full args)
+    "overhead_quality": (["--rounds", "3", "--steps", "20", "--repeats", "1"],
+                         ["--rounds", "5", "--steps", "20", "--repeats", "3"]),
+    "client_cost": ([], []),
+    "scaling": (["--sizes", "4", "16", "64", "128", "--rounds", "3"], ["--sizes", "4", "16", "64", "128"]),
+    "fusion_throughput": (["--repeats", "2"], ["--repeats", "3"]),
+    "bench_channels": (["--d", "4000000", "--repeats", "2"], []),
+}
+
+
+def summary_markdown(results: dict, seconds: dict) -> str:
+    sys.path.insert(0, str(HERE))
+    lines = ["# fedllm benchmarks", ""]
+    if "overhead_quality" in results:
+        from overhead_quality import markdown as oq
+
+        lines += ["## Overhead and quality at budget", "", oq(results["overhead_quality"])]
+    if "client_cost" in results:
+        c = results["client_cost"]
+        lines += ["## Client cost (MiniLM + LoRA r=8)", "",
+                  f"cold model build {c['model_build_cold_s']:.2f} s, cached {c['model_build_cached_s'] * 1e3:.2f} ms; "
+                  f"{c['step_s']:.3f} s per training step; payload unpack {c['payload_unpack_s'] * 1e3:.2f} ms; "
+                  f"uplink {c['bytes_up_lora'] / 1024:.0f} KB = {100 * c['lora_fraction_of_full']:.2f}% of the full "
+                  f"model's {c['bytes_full_model'] / 2**20:.1f} MB; client peak RSS {c['peak_rss_mib']:.0f} MiB.", ""]
+    if "scaling" in results:
+        from scaling import markdown as sc
+
+        lines += ["## Scaling in the number of clients", "", sc(results["scaling"])]
+    if "fusion_throughput" in results:
+        from fusion_throughput import markdown as fu
+
+        lines += ["## Fusion throughput", "", fu(results["fusion_throughput"])]
+    if "bench_channels" in results:
+        ch = results["bench_channels"]
+        lines += ["## Channel throughput", "", f"{ch['clients']} x {ch['d']:,} values, ratio to randn_like + add:", "",
+                  "| channel | x floor |", "| --- | --- |"]
+        lines += [f"| {r['channel']} {json.dumps(r['params'])} | {r['ratio_to_floor']:.2f} |" for r in ch["rows"]]
+        lines.append("")
+    lines += ["Time per benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (< 10 min)")
+    parser.add_argument("--only", nargs="+", choices=list(PLANS), help="run just these")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, seconds = {}, {}
+    start = time.perf_counter()
+    for name, (quick, full) in PLANS.items():
+        if args.only and name not in args.only:
+            continue
+        out = (args.out / f"{name}.json").resolve()
+        cmd = [sys.executable, str(HERE / f"{name}.py"), *(quick if args.quick else full), "--out", str(out)]
+        print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
+        seconds[name] = time.perf_counter() - t
+        if proc.returncode != 0:
+            print(f"{name} failed:\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        results[name] = json.loads(out.read_text())
+        print(f"   done in {seconds[name]:.0f} s", flush=True)
+    md = summary_markdown(results, seconds) + f"Total: {time.perf_counter() - start:.0f} s\n"
+    (args.out / "summary.json").write_text(json.dumps({"quick": args.quick, "results": results, "seconds": seconds},
+                                                     indent=2))
+    (args.out / "summary.md").write_text(md)
+    print(md)
+    if len(results) < len([n for n in PLANS if not args.only or n in args.only]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
