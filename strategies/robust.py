@@ -11,17 +11,21 @@ from __future__ import annotations
 import torch
 from pydantic import Field, PositiveFloat
 
-from strategies.base import FUSION_RULES, FusionRule, RuleParams, weighted_mean
+from strategies.base import FUSION_RULES, FusionRule, RuleParams, by_column_blocks, weighted_mean
 
 
 @FUSION_RULES.register("median")
 class Median(FusionRule):
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = deltas.shape[0]
-        if n % 2:
-            return deltas.median(dim=0).values
-        ordered = deltas.sort(dim=0).values  # even count: the mean of the two middle values
-        return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+        def median(block: torch.Tensor) -> torch.Tensor:
+            if n % 2:
+                return block.median(dim=0).values
+            ordered = block.sort(dim=0).values  # even count: the mean of the two middle values
+            return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+        return by_column_blocks(deltas, median)
 
 
 class TrimmedMeanParams(RuleParams):
@@ -37,8 +41,7 @@ class TrimmedMean(FusionRule):
         cut = int(self.params.trim_ratio * n)
         if n - 2 * cut < 1:
             cut = (n - 1) // 2
-        ordered = deltas.sort(dim=0).values
-        return ordered[cut:n - cut].mean(dim=0)
+        return by_column_blocks(deltas, lambda block: block.sort(dim=0).values[cut:n - cut].mean(dim=0))
 
 
 class NormClipParams(RuleParams):

@@ -79,3 +79,16 @@ def test_rule_parameters_are_validated():
     with pytest.raises(ConfigError, match=r"strategy.p: unknown key \(allowed keys for 'ties': k\)"):
         load_config(None, "strategy.name=ties strategy.p=0.5")
     assert load_config(None, "strategy.name=dare strategy.p=0.5").strategy.params() == {"p": 0.5}
+
+
+@pytest.mark.parametrize("clients", [5, 6])
+def test_robust_rules_on_column_blocks_equal_the_whole_tensor_reduction(clients):
+    """Median and trimmed mean reduce column blocks (for speed); the result must not change."""
+
+    x = torch.randn(clients, 200_003, generator=torch.Generator().manual_seed(1))
+    w = torch.ones(clients)
+    ordered = x.sort(dim=0).values
+    median = ordered[clients // 2] if clients % 2 else (ordered[clients // 2 - 1] + ordered[clients // 2]) / 2
+    assert torch.equal(build_rule("median", {})(x, w), median)
+    cut = int(0.2 * clients)
+    assert torch.allclose(build_rule("trimmed_mean", {})(x, w), ordered[cut:clients - cut].mean(0))
