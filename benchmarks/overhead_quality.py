@@ -1,7 +1,7 @@
 """What federation costs and what it gives up: the same FedAvg-LoRA training through Flower's
 simulation vs a plain loop in one process, and vs centralised training on the pooled data.
 
-    python benchmarks/overhead_quality.py [--clients 4] [--rounds 3] [--steps 20] [--repeats 3]
+    python benchmarks/overhead_quality.py [--clients 4 20] [--rounds 3] [--steps 20] [--repeats 3]
         [--out results/benchmarks/overhead_quality.json]
 
 1. Federated: ``fedllm run experiments/fedavg_lora.yaml`` (MiniLM + LoRA r=8) in a fresh process,
@@ -120,7 +120,11 @@ def measure(clients: int, rounds: int, steps: int, repeats: int) -> dict:
     }
 
 
-def markdown(r: dict) -> str:
+def markdown(result: dict) -> str:
+    return "\n".join(markdown_one(r) for r in result["runs"])
+
+
+def markdown_one(r: dict) -> str:
     b = r["breakdown"]
     return "\n".join([
         f"FedAvg-LoRA (MiniLM, {r['clients']} clients, {r['rounds']} rounds x {r['steps']} steps), "
@@ -142,13 +146,13 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, nargs="+", default=[4, 20])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/overhead_quality.json"))
     args = parser.parse_args()
-    result = measure(args.clients, args.rounds, args.steps, args.repeats)
+    result = {"runs": [measure(n, args.rounds, args.steps, args.repeats) for n in args.clients]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))

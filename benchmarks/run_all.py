@@ -24,8 +24,8 @@ REPO = HERE.parent
 
 PLANS = {
     # script: (quick args, full args)
-    "overhead_quality": (["--rounds", "3", "--steps", "20", "--repeats", "1"],
-                         ["--rounds", "5", "--steps", "20", "--repeats", "3"]),
+    "overhead_quality": (["--clients", "4", "--rounds", "3", "--steps", "20", "--repeats", "1"],
+                         ["--clients", "4", "20", "--rounds", "5", "--steps", "20", "--repeats", "3"]),
     "client_cost": ([], []),
     "scaling": (["--sizes", "4", "16", "64", "128", "--rounds", "3"], ["--sizes", "4", "16", "64", "128"]),
     "fusion_throughput": (["--repeats", "2"], ["--repeats", "3"]),
