@@ -34,3 +34,11 @@ def fedllm_run(experiment: str, overrides: list[str], clients: int, out_root: Pa
 
 def stats(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "n": len(values)}
+
+
+def save_and_print(result: dict, out: Path, markdown: str) -> None:
+    """A benchmark's result as JSON at ``out``, its table as Markdown beside it, and on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)

@@ -12,13 +12,13 @@ throughput in GB/s. 22,713,216 is the parameter count of all-MiniLM-L6-v2 (full 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from _runs import save_and_print
 from strategies import build_rule
 
 RULES = ["fedavg", "task_arithmetic", "ties", "dare", "median", "trimmed_mean", "norm_clip"]
@@ -66,10 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/fusion_throughput.json"))
     args = parser.parse_args()
     result = measure(args.clients, args.dim, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_and_print(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":

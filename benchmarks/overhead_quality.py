@@ -20,7 +20,6 @@ evaluation), the slowest client's training per round, and the server's evaluatio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _runs import REPO, fedllm_run, stats  # noqa: E402
+from _runs import REPO, fedllm_run, save_and_print, stats  # noqa: E402
 
 from clients import TRAINERS, TrainContext  # noqa: E402
 from fedllm.config import load_config  # noqa: E402
@@ -153,10 +152,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/overhead_quality.json"))
     args = parser.parse_args()
     result = {"runs": [measure(n, args.rounds, args.steps, args.repeats) for n in args.clients]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_and_print(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":

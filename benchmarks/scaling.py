@@ -14,11 +14,10 @@ payload held per round (trained clients x payload bytes), and wall time of the w
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from _runs import fedllm_run
+from _runs import fedllm_run, save_and_print
 
 TINY = ["model.name=tiny-bert", "model.max_length=32", "peft.method=full", "peft.global_patterns=['*']",
         "data.tasks=[topic]", "data.max_train_per_task=4000", "data.max_test_per_task=200", "client.lr=0.003",
@@ -61,10 +60,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/scaling.json"))
     args = parser.parse_args()
     result = measure(args.sizes, args.rounds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_and_print(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":
