@@ -2,7 +2,8 @@
 trained per round (``strategy.fraction_train`` = 8 / N): sampling should make the cost follow
 the clients trained, not the clients registered.
 
-    python benchmarks/scaling.py [--sizes 4 16 64 128] [--rounds 4] [--out results/benchmarks/scaling.json]
+    python benchmarks/scaling.py [--sizes 4 16 64 128] [--rounds 4] [--trained 8] [--out results/benchmarks/scaling.json]
+    python benchmarks/scaling.py --sizes 4 16 64 --trained 0   # everyone trains: memory grows with N
 
 Each N runs in a fresh process: tiny-bert (full fine-tuning) on the embedded topic task, every
 trained client takes exactly 10 steps (``local_epochs`` high, ``max_steps`` 10) whatever its
@@ -25,11 +26,13 @@ TINY = ["model.name=tiny-bert", "model.max_length=32", "peft.method=full", "peft
 
 
 def measure(sizes: list[int], rounds: int, trained: int = 8) -> dict:
+    """``trained`` clients per round (0: all of them, to show memory growing with N x payload)."""
     rows = []
     for n in sizes:
+        k = trained or n
         run = fedllm_run("experiments/fedavg_lora.yaml",
-                         [*TINY, f"rounds={rounds}", f"strategy.fraction_train={min(1.0, trained / n)}",
-                          f"strategy.min_clients={min(trained, n)}"], clients=n)
+                         [*TINY, f"rounds={rounds}", f"strategy.fraction_train={min(1.0, k / n)}",
+                          f"strategy.min_clients={min(k, n)}"], clients=n)
         times = [r["round_time"] for r in run["records"][2:-1]] or [r["round_time"] for r in run["records"][1:]]
         used = run["records"][-1]["clients_used"]
         rows.append({"clients": n, "trained_per_round": used, "round_time_median": statistics.median(times),
@@ -40,11 +43,11 @@ def measure(sizes: list[int], rounds: int, trained: int = 8) -> dict:
     base = rows[0]["round_time_median"]
     for r in rows:
         r["round_time_ratio"] = r["round_time_median"] / base
-    return {"rounds": rounds, "rows": rows}
+    return {"rounds": rounds, "trained": trained, "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    lines = ["Round time vs registered clients (tiny-bert, 8 trained per round, 10 steps each):", "",
+    lines = ["Round time vs registered clients (tiny-bert, 10 steps per trained client):", "",
              "| clients | trained | round time median (min) s | x N=first | first round s | server peak RSS MB "
              "| payload MB/round | process wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['clients']} | {r['trained_per_round']} | {r['round_time_median']:.2f} ({r['round_time_min']:.2f}) "
@@ -57,9 +60,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64, 128])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--trained", type=int, default=8, help="clients trained per round; 0: all")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/scaling.json"))
     args = parser.parse_args()
-    result = measure(args.sizes, args.rounds)
+    result = measure(args.sizes, args.rounds, args.trained)
     save_and_print(result, args.out, markdown(result))
 
 
