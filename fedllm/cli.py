@@ -97,6 +97,8 @@ def compare(
     clients: Annotated[int, typer.Option(help="clients for runs whose data.num_clients is unset")] = 4,
     rerun: Annotated[bool, typer.Option(help="run again even when finished results exist")] = False,
     out: Annotated[Path | None, typer.Option(help="where the table and plots go")] = None,
+    target: Annotated[float | None, typer.Option(help="add a column: uplink MB until the (personalised) "
+                                                       "accuracy or reward first reaches this")] = None,
 ) -> None:
     """Run what has no results yet (cached by config hash), then print and save a comparison."""
     from fedllm.config import ConfigError
@@ -124,7 +126,7 @@ def compare(
                 _fail(f"{planned.source}: {err}")
     out = out or Path("results") / "compare" / runs[0].config.digest()
     unique = list(dict.fromkeys(folders))  # sweep points that resolve to the same config share one run
-    md, plots = write_report([load_run(f) for f in unique], out)
+    md, plots = write_report([load_run(f) for f in unique], out, target)
     typer.echo(md)
     typer.echo(f"table and {len(plots)} plots in {out}")
 
@@ -133,6 +135,8 @@ def compare(
 def report(
     results: Annotated[list[Path], typer.Argument(help="results folders (runs or parents of runs)", exists=True)],
     out: Annotated[Path, typer.Option(help="where the table and plots go")] = Path("results/report"),
+    target: Annotated[float | None, typer.Option(help="add a column: uplink MB until the (personalised) "
+                                                       "accuracy or reward first reaches this")] = None,
 ) -> None:
     """Re-render tables and plots from saved results, without training."""
     from fedllm.report import find_runs, write_report
@@ -140,7 +144,7 @@ def report(
     runs = find_runs(list(results))
     if not runs:
         _fail(f"no finished runs (folders with summary.json) under {', '.join(map(str, results))}")
-    md, plots = write_report(runs, out)
+    md, plots = write_report(runs, out, target)
     typer.echo(md)
     typer.echo(f"table and {len(plots)} plots in {out}")
 

@@ -121,8 +121,21 @@ def metric_of(runs: list[RunResult]) -> str:
     return "reward" if runs and all(r.config.get("rl") for r in runs) else "accuracy"
 
 
-def summarise(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per configuration (seeds pooled), in first-seen order."""
+def uplink_to_reach(run: RunResult, target: float, key: str) -> float | None:
+    """Cumulative uplink bytes when ``key`` (e.g. personalised accuracy) first reaches ``target``;
+    None if it never does. The communication cost a wireless link pays for a quality level."""
+    total = 0.0
+    for rec in run.records:
+        total += rec.get("bytes_up", 0) or 0
+        value = rec.get(key)
+        if isinstance(value, (int, float)) and value >= target:
+            return total
+    return None
+
+
+def summarise(runs: list[RunResult], target: float | None = None) -> list[dict[str, Any]]:
+    """One row per configuration (seeds pooled), in first-seen order; with ``target``, also the
+    uplink spent to reach it (personalised score where clients evaluate, else the global one)."""
     m = metric_of(runs)
     groups: dict[str, list[RunResult]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: str(r.path)):
@@ -142,6 +155,12 @@ def summarise(runs: list[RunResult]) -> list[dict[str, Any]]:
             f"personalized_{m}": _mean_std([r.summary.get(f"personalized_{m}") for r in members])[0],
             f"worst_client_{m}": _mean_std([r.summary.get(f"worst_client_{m}") for r in members])[0],
         })
+        if target is not None:
+            key = f"personalized_{m}" if any(f"personalized_{m}" in rec for rec in first.records) else m
+            reached = [uplink_to_reach(r, target, key) for r in members]
+            rows[-1]["target_key"] = key
+            rows[-1]["bytes_to_target"] = (statistics.fmean(reached) if all(b is not None for b in reached)
+                                           else float("nan"))
     return rows
 
 
@@ -158,16 +177,18 @@ def _fmt(value: float, std: float | None = None, digits: int = 4) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def markdown_table(rows: list[dict[str, Any]], m: str = "accuracy") -> str:
+def markdown_table(rows: list[dict[str, Any]], m: str = "accuracy", target: float | None = None) -> str:
+    extra = f" uplink MB to {target:g} |" if target is not None else ""
     lines = [f"| run | setting | seeds | final {m} | normalised accuracy | personalised {m} (worst client) "
-             "| uplink MB | wall time (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| uplink MB | wall time (s) |" + extra,
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else "")]
     for r in rows:
         personal = "—" if r[f"personalized_{m}"] != r[f"personalized_{m}"] else \
             f"{r[f'personalized_{m}']:.4f} ({r[f'worst_client_{m}']:.4f})"
         lines.append(f"| {r['run']} | {r['setting']} | {r['seeds']} | {_fmt(r[f'final_{m}'], r[f'final_{m}_std'])} "
                      f"| {_fmt(r['normalized_accuracy'])} | {personal} | {r['bytes_up'] / 2**20:.1f} "
-                     f"| {_fmt(r['wall_time_s'], r['wall_time_std'], 1)} |")
+                     f"| {_fmt(r['wall_time_s'], r['wall_time_std'], 1)} |"
+                     + (f" {_fmt(r['bytes_to_target'] / 2**20, digits=2)} |" if extra else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -320,12 +341,12 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_report(runs: list[RunResult], out_dir: Path) -> tuple[str, list[Path]]:
+def write_report(runs: list[RunResult], out_dir: Path, target: float | None = None) -> tuple[str, list[Path]]:
     """Markdown + CSV table and plots into ``out_dir``; returns the Markdown and the plot paths."""
     if not runs:
         raise FileNotFoundError("no finished runs to report on")
-    rows = summarise(runs)
-    md = markdown_table(rows, metric_of(runs)) + preference_tables(runs)
+    rows = summarise(runs, target)
+    md = markdown_table(rows, metric_of(runs), target) + preference_tables(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(md)
     (out_dir / "table.csv").write_text(csv_table(rows))

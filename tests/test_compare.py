@@ -71,3 +71,20 @@ def test_compare_runs_once_caches_and_report_reproduces_the_table(tmp_path, monk
 def test_report_on_an_empty_folder_fails_clearly(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no finished runs" in result.output
+
+
+def test_uplink_to_reach_a_target_uses_the_personalised_score_when_clients_evaluate(tmp_path):
+    from fedllm.report import RunResult, markdown_table, summarise, uplink_to_reach
+
+    cfg = {"strategy": {"name": "personalized"}, "channel": {"kind": "ideal"}, "output": {"name": "p"}}
+    recs = [{"round": 0, "accuracy": 0.2, "bytes_up": 0},
+            {"round": 1, "accuracy": 0.3, "personalized_accuracy": 0.6, "bytes_up": 100},
+            {"round": 2, "accuracy": 0.4, "personalized_accuracy": 0.85, "bytes_up": 100},
+            {"round": 3, "accuracy": 0.5, "personalized_accuracy": 0.9, "bytes_up": 100}]
+    run = RunResult(tmp_path, cfg, recs, {"final_accuracy": 0.5, "total_bytes_up": 300, "wall_time": 1.0})
+    assert uplink_to_reach(run, 0.8, "personalized_accuracy") == 200
+    assert uplink_to_reach(run, 0.8, "accuracy") is None
+    rows = summarise([run], target=0.8)
+    assert rows[0]["target_key"] == "personalized_accuracy" and rows[0]["bytes_to_target"] == 200
+    assert "uplink MB to 0.8 |" in markdown_table(rows, target=0.8)
+    assert summarise([run], target=0.95)[0]["bytes_to_target"] != summarise([run], target=0.95)[0]["bytes_to_target"]
