@@ -42,14 +42,16 @@ def overrides(rounds: int, steps: int) -> list[str]:
     return [f"rounds={rounds}", f"client.max_steps={steps}", "eval.every=1000"]
 
 
-def plain_loop(cfg, clients: int) -> tuple[float, float]:
-    """FedAvg with the federated run's trainer and seeds, in one process: (seconds, accuracy)."""
+def plain_loop(cfg, clients: int) -> tuple[float, float, int]:
+    """FedAvg with the federated run's trainer and seeds, in one process: (seconds, accuracy,
+    training steps taken, which a small partition caps below client.max_steps)."""
     start = time.perf_counter()
     suite = load_suite(cfg.data, cfg.seed)
     bundle = build_bundle(cfg, suite.label_names)
     names = bundle.groups.global_names
     global_params = dict(bundle.initial_global)
     parts = [client_examples(cfg.data, c, clients, cfg.seed) for c in range(clients)]
+    steps = 0
     for rnd in range(1, cfg.rounds + 1):
         total = {n: torch.zeros_like(t) for n, t in global_params.items()}
         count = 0
@@ -58,7 +60,7 @@ def plain_loop(cfg, clients: int) -> tuple[float, float]:
             set_tensors(bundle.model, bundle.initial_local)
             ctx = TrainContext(cfg.client, suite.label_ranges, cfg.model.max_length,
                                seed=cfg.seed * 100_003 + rnd * 1_009 + c)
-            TRAINERS.get(cfg.client.trainer)(bundle, examples, ctx)
+            steps += TRAINERS.get(cfg.client.trainer)(bundle, examples, ctx).steps
             trained = get_tensors(bundle.model, names)
             for n in names:
                 total[n] += len(examples) * (trained[n] - global_params[n])
@@ -67,7 +69,7 @@ def plain_loop(cfg, clients: int) -> tuple[float, float]:
     set_tensors(bundle.model, global_params)
     acc = evaluate_tasks(bundle, bundle.model, suite, suite.split("test"), cfg.eval.batch_size,
                          cfg.model.max_length)["accuracy"]
-    return time.perf_counter() - start, acc
+    return time.perf_counter() - start, acc, steps
 
 
 def centralised(cfg, total_steps: int) -> tuple[float, float]:
@@ -88,7 +90,7 @@ def measure(clients: int, rounds: int, steps: int, repeats: int) -> dict:
     for _ in range(repeats):
         fed.append(fedllm_run("experiments/fedavg_lora.yaml", overrides(rounds, steps), clients))
         loop.append(plain_loop(cfg, clients))
-        central.append(centralised(cfg, clients * rounds * steps))
+        central.append(centralised(cfg, loop[-1][2]))  # the same number of steps, on pooled data
     walls = [f["wall"] for f in fed]
     best = fed[walls.index(statistics.median(walls))] if repeats % 2 else fed[walls.index(min(walls))]
     recs = best["records"][1:]
@@ -105,17 +107,17 @@ def measure(clients: int, rounds: int, steps: int, repeats: int) -> dict:
     workers = min(clients, os.cpu_count() or 1)
     breakdown["client_training_per_worker_s"] = breakdown["all_client_training_s"] / workers
     breakdown["rest_of_rounds_s"] = rounds_s - breakdown["client_training_per_worker_s"] - breakdown["server_evaluation_s"]
-    fed_acc, loop_acc, central_acc = (best["summary"]["final_accuracy"], statistics.median(a for _, a in loop),
+    fed_acc, loop_acc, central_acc = (best["summary"]["final_accuracy"], statistics.median(a for _, a, _ in loop),
                                       statistics.median(a for _, a in central))
     return {
         "clients": clients, "rounds": rounds, "steps": steps, "repeats": repeats,
-        "federated_wall_s": stats(walls), "plain_loop_s": stats([t for t, _ in loop]),
+        "federated_wall_s": stats(walls), "plain_loop_s": stats([t for t, _, _ in loop]),
         "centralised_s": stats([t for t, _ in central]),
-        "overhead_ratio": statistics.median(walls) / statistics.median(t for t, _ in loop),
-        "overhead_rounds_only_ratio": rounds_s / statistics.median(t for t, _ in loop),
+        "overhead_ratio": statistics.median(walls) / statistics.median(t for t, _, _ in loop),
+        "overhead_rounds_only_ratio": rounds_s / statistics.median(t for t, _, _ in loop),
         "breakdown": breakdown,
         "federated_accuracy": fed_acc, "plain_loop_accuracy": loop_acc, "centralised_accuracy": central_acc,
-        "quality_ratio": fed_acc / central_acc,
+        "quality_ratio": fed_acc / central_acc, "total_steps": loop[0][2],
     }
 
 
@@ -133,7 +135,7 @@ def markdown_one(r: dict) -> str:
         f"({r['federated_wall_s']['min']:.1f}) | {r['federated_accuracy']:.4f} |",
         f"| plain loop, same algorithm | {r['plain_loop_s']['median']:.1f} ({r['plain_loop_s']['min']:.1f}) "
         f"| {r['plain_loop_accuracy']:.4f} |",
-        f"| centralised, pooled data, same steps | {r['centralised_s']['median']:.1f} "
+        f"| centralised, pooled data, same {r['total_steps']} steps | {r['centralised_s']['median']:.1f} "
         f"({r['centralised_s']['min']:.1f}) | {r['centralised_accuracy']:.4f} |", "",
         f"Overhead: federated / plain loop = {r['overhead_ratio']:.2f} (rounds only: "
         f"{r['overhead_rounds_only_ratio']:.2f}); quality: federated / centralised = {r['quality_ratio']:.3f}. "

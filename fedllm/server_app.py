@@ -199,18 +199,22 @@ class FederatedRun:
         return out
 
     # ------------------------------------------------------------------ one round
-    def collect(self, rnd: int) -> tuple[list[int], list, list[ClientUpdate], list[str], list[int]]:
-        """Sample clients, send the global group, and check every reply; also the nodes that never replied."""
+    def collect(self, rnd: int) -> tuple[list[int], int, list[ClientUpdate], list[str], list[int]]:
+        """Sample clients, send the global group, and check every reply: (sampled nodes, number of
+        replies, usable updates, rejection reasons, nodes that never replied)."""
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.strategy.min_clients)
         k = max(cfg.strategy.min_clients, round(cfg.strategy.fraction_train * len(nodes)))
         sampled = sorted(self.rng.sample(nodes, min(k, len(nodes))))
         content = round_content(self.global_params, self.config_json, rnd, cfg.data.num_clients or 0)
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
-        replies = list(self.grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout))
         updates: list[ClientUpdate] = []
         rejected: list[str] = []
-        for reply in replies:
+        replied: list[int] = []
+        # Parse each reply as it is handed over and keep only the flat delta: holding the messages
+        # as well would double the server's memory per client.
+        for reply in self.grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+            replied.append(reply.metadata.src_node_id)
             try:
                 updates.append(parse_reply(reply, self.layout))
             except RejectedReply as why:
@@ -219,11 +223,11 @@ class FederatedRun:
         rejected += outliers
         for why in rejected:
             log.warning("round %d: rejected reply: %s", rnd, why)
-        missing = sorted(set(sampled) - {r.metadata.src_node_id for r in replies})
+        missing = sorted(set(sampled) - set(replied))
         if missing:
             log.warning("round %d: %d of %d sampled clients did not reply within %ss: nodes %s", rnd,
                         len(missing), len(sampled), cfg.strategy.round_timeout, missing)
-        return sampled, replies, updates, rejected, missing
+        return sampled, len(replied), updates, rejected, missing
 
     def update(self, rnd: int, updates: list[ClientUpdate]) -> dict:
         """Channel, fusion, scale, optional realignment and fusion metrics; updates the global group."""
@@ -265,11 +269,11 @@ class FederatedRun:
     def round(self, rnd: int) -> dict:
         cfg = self.cfg
         t0 = time.monotonic()
-        sampled, replies, updates, rejected, missing = self.collect(rnd)
-        record: dict = {"round": rnd, "clients_sampled": len(sampled), "clients_replied": len(replies),
+        sampled, replied, updates, rejected, missing = self.collect(rnd)
+        record: dict = {"round": rnd, "clients_sampled": len(sampled), "clients_replied": replied,
                         "clients_used": len(updates), "clients_missing": len(missing),
                         "missing_nodes": missing,
-                        "rejected": rejected, "bytes_up": self.payload_bytes * len(replies),
+                        "rejected": rejected, "bytes_up": self.payload_bytes * replied,
                         "bytes_down": self.payload_bytes * len(sampled), "bytes_up_per_client": self.payload_bytes}
         if len(updates) < cfg.strategy.min_clients:
             self.echo(f"[round {rnd}/{cfg.rounds}] skipped: {len(updates)} usable replies < strategy.min_clients="
