@@ -281,15 +281,18 @@ def plot_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
 
     personal = f"personalized_{metric}"
     personal_runs = {label: ms for label, ms in series.items() if any(personal in r for m in ms for r in m.records)}
-    if personal_runs:  # each client's own model on its own data / preference, mean over clients
+    for suffix, x_of, xlabel in (("round", lambda m: [r["round"] for r in m.records], "round"),
+                                 ("uplink", _cumulative_bytes, "cumulative uplink (MB)")):
+        if not personal_runs:  # each client's own model on its own data / preference, mean over clients
+            break
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for label, members in personal_runs.items():
-            xs, ys = _mean_curve(members, lambda m: [r["round"] for r in m.records], personal)
+            xs, ys = _mean_curve(members, x_of, personal)
             ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xlabel("round")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"personalised {metric} (mean over clients)")
         ax.legend(fontsize=7)
-        save(fig, f"{personal}_vs_round.png")
+        save(fig, f"{personal}_vs_{suffix}.png")
 
     for key, xlabel in (("channel.snr_db", "channel SNR (dB)"), ("channel.jammer_power_db", "jammer power (dB)")):
         if key not in _varying_keys(runs):
