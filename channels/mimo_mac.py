@@ -42,6 +42,11 @@ class MimoMacParams(ChannelParams):
     jammer: Literal["none", "isotropic", "worst_case", "strongest_user"] = "worst_case"
     solver_steps: PositiveInt = Field(300, description="projected-gradient iterations of the worst-case jammer")
     solver_step_size: float = Field(0.5, gt=0.0, description="step, relative to P_J / ||grad||")
+    # lmmse: the paper's receiver, whose error never exceeds the signal power (it shrinks towards 0
+    # under heavy jamming); zf: the unbiased zero-forcing (noise-whitened least-squares) receiver,
+    # error (H^H R^-1 H)^-1, which grows without bound as the jammer gets stronger. zf needs
+    # nr >= clients x nt.
+    receiver: Literal["lmmse", "zf"] = "lmmse"
 
 
 def _herm(a: torch.Tensor) -> torch.Tensor:
@@ -134,11 +139,19 @@ class MimoMacChannel(Channel):
         return worst_case_jammer(h, p, g, sigma2, budget, prm.solver_steps, prm.solver_step_size)
 
     def error_covariances(self, h: list[torch.Tensor], p: list[float], r: torch.Tensor) -> list[torch.Tensor]:
-        """Per-user blocks of the joint LMMSE error covariance (P^-1 + H^H R^-1 H)^-1."""
-        nt = self.params.nt
+        """Per-user blocks of the joint error covariance: LMMSE (P^-1 + H^H R^-1 H)^-1, or ZF
+        (H^H R^-1 H)^-1."""
+        nt, nr = self.params.nt, self.params.nr
         big_h = torch.cat(h, dim=1)
-        p_inv = torch.diag(torch.tensor([1 / pk for pk in p for _ in range(nt)], dtype=CDTYPE))
-        err = torch.linalg.inv(p_inv + _herm(big_h) @ torch.linalg.solve(r, big_h))
+        fisher = _herm(big_h) @ torch.linalg.solve(r, big_h)
+        if self.params.receiver == "zf":
+            if len(h) * nt > nr:
+                raise ValueError(f"channel.receiver 'zf' separates {len(h)} clients x {nt} streams with only "
+                                 f"{nr} receive antennas; raise channel.nr to >= {len(h) * nt} or lower channel.nt")
+            err = torch.linalg.inv(fisher)
+        else:
+            p_inv = torch.diag(torch.tensor([1 / pk for pk in p for _ in range(nt)], dtype=CDTYPE))
+            err = torch.linalg.inv(p_inv + fisher)
         err = (err + _herm(err)) / 2
         return [err[i * nt:(i + 1) * nt, i * nt:(i + 1) * nt] for i in range(len(h))]
 

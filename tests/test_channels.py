@@ -171,6 +171,22 @@ def test_mimo_mac_received_error_follows_the_lmmse_covariance():
     assert torch.all(none.mse < report.mse)
 
 
+def test_zero_forcing_error_exceeds_the_signal_under_a_strong_jammer_where_lmmse_saturates():
+    x = _gaussian(3, 200_000)
+    common = {"jammer": "isotropic", "nt": 4, "nr": 16}
+    rel = {}
+    for receiver in ("lmmse", "zf"):
+        for power in (0.0, 30.0):
+            _, report = build_channel("mimo_mac", {**common, "receiver": receiver, "jammer_power_db": power},
+                                      0).transmit(x, _meta(3))
+            rel[receiver, power] = float((report.mse / x.pow(2).mean(1)).mean())
+            assert rel[receiver, power] == pytest.approx(float(report.extra["relative_mse"].mean()), rel=0.05)
+    assert rel["zf", 0.0] > rel["lmmse", 0.0]  # zf never beats lmmse
+    assert rel["lmmse", 30.0] < 1.0 < rel["zf", 30.0]  # lmmse shrinks, zf amplifies the jammer
+    with pytest.raises(ValueError, match="raise channel.nr to >= 24"):
+        build_channel("mimo_mac", {"receiver": "zf"}, 0).transmit(x[:, :1000], _meta(3))
+
+
 def test_ota_noiseless_sum_is_the_weighted_sum():
     x = _gaussian(3, 10_001)
     w = [1.0, 2.0, 5.0]
