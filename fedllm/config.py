@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     PositiveInt,
+    NonNegativeFloat,
     NonNegativeInt,
     ValidationError,
     field_validator,
@@ -146,9 +147,10 @@ class StrategySection(BaseModel):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_clients: PositiveInt = 1
     # Scale of the fused delta: global += server_lr * fused (lambda of task arithmetic); "auto"
-    # picks the value of lr_grid with the best validation accuracy, each round.
+    # picks the value of lr_grid with the best validation accuracy, each round (a 0 in the grid
+    # lets the server keep its model when every scale of the fused update hurts, e.g. under jamming).
     server_lr: PositiveFloat | Literal["auto"] = 1.0
-    lr_grid: list[PositiveFloat] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], min_length=1)
+    lr_grid: list[NonNegativeFloat] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], min_length=1)
     round_timeout: PositiveFloat | None = Field(600.0, description="seconds to wait for replies")
     # A reply whose delta norm exceeds this multiple of the round's median norm is rejected
     # (None: no check). Needs 3+ replies, so a median means something.

@@ -127,3 +127,9 @@ def test_every_shipped_experiment_is_valid(path):
     runs = plan([path])  # validates every point of a sweep: block too
     assert path.read_text().startswith("#"), "each experiment starts with a comment saying what it shows"
     assert runs and all(r.config.rounds >= 1 for r in runs)
+
+
+def test_lr_grid_may_hold_zero_but_not_negative_scales():
+    assert load_config(None, "strategy.lr_grid=[0.0, 0.5, 1.0]").strategy.lr_grid == [0.0, 0.5, 1.0]
+    with pytest.raises(ConfigError, match=r"strategy.lr_grid.0: Input should be greater than or equal to 0"):
+        load_config(None, "strategy.lr_grid=[-0.1, 1.0]")
