@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _runs import REPO, fedllm_run, save_and_print, stats  # noqa: E402
 
-from clients import TRAINERS, TrainContext  # noqa: E402
+from clients import TRAINERS, TrainContext, client_seed  # noqa: E402
 from fedllm.config import load_config  # noqa: E402
 from fedllm.data import client_examples, load_suite  # noqa: E402
 from fedllm.metrics import evaluate_tasks  # noqa: E402
@@ -59,7 +59,7 @@ def plain_loop(cfg, clients: int) -> tuple[float, float, int]:
             set_tensors(bundle.model, global_params)
             set_tensors(bundle.model, bundle.initial_local)
             ctx = TrainContext(cfg.client, suite.label_ranges, cfg.model.max_length,
-                               seed=cfg.seed * 100_003 + rnd * 1_009 + c)
+                               seed=client_seed(cfg.seed, rnd, c))
             steps += TRAINERS.get(cfg.client.trainer)(bundle, examples, ctx).steps
             trained = get_tensors(bundle.model, names)
             for n in names:

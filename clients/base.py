@@ -30,6 +30,12 @@ class TrainContext:
     rl: "RLSection | None" = None
 
 
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's training in one round: distinct per client and round, the same
+    wherever that training is replayed (the ClientApp, the plain-loop benchmark)."""
+    return seed * 100_003 + server_round * 1_009 + partition_id
+
+
 def proximal_term(model: "torch.nn.Module", anchor: "dict[str, torch.Tensor]", mu: float) -> "torch.Tensor":
     """mu/2 * sum ||w - anchor||^2 over the anchored tensors (zero when they are equal)."""
     import torch

@@ -65,6 +65,18 @@ def build_reward(spec: Mapping[str, Any]) -> RewardFn:
     return factory(params_model(**spec))
 
 
+_BUILT: dict[str, dict[str, RewardFn]] = {}
+
+
+def build_rewards(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, RewardFn]:
+    """Every named reward of ``rl.rewards``, built once per process (a reward model loads weights,
+    the tone scorer embeds its anchors): training and evaluation rounds reuse them."""
+    key = repr(sorted((name, sorted(spec.items())) for name, spec in specs.items()))
+    if key not in _BUILT:
+        _BUILT[key] = {name: build_reward(spec) for name, spec in specs.items()}
+    return _BUILT[key]
+
+
 def _words(text: str) -> list[str]:
     return text.split()
 

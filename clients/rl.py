@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from clients.base import TRAINERS, TrainContext, TrainResult
-from clients.rewards import build_reward, mix, score_all
+from clients.rewards import build_rewards, mix, score_all
 from fedllm.instructions import Instruction
 from fedllm.models import ModelBundle
 
@@ -51,7 +51,7 @@ def train_rl(bundle: ModelBundle, examples: list[Instruction], ctx: TrainContext
     rl, section = ctx.rl, ctx.section
     if rl is None or ctx.preference is None:
         raise ValueError("client.trainer 'rl' needs the rl: section and this client's preference")
-    rewards = {name: build_reward(spec) for name, spec in rl.rewards.items() if name in ctx.preference}
+    rewards = {name: fn for name, fn in build_rewards(rl.rewards).items() if name in ctx.preference}
     dataset = Dataset.from_dict({"prompt": [e.prompt for e in examples], "reference": [e.reference for e in examples]})
     with tempfile.TemporaryDirectory(prefix="fedllm-grpo-") as out:
         args = GRPOConfig(

@@ -74,11 +74,9 @@ def simulate(cfg, clients: int, cpus_per_client: float = 1.0, resume: Path | Non
     from flwr.simulation import run_simulation
 
     from fedllm.client_app import app as client_app
-    from fedllm.data import check_partitions, load_suite
-    from fedllm.server_app import make_server_app
+    from fedllm.server_app import check_data, make_server_app
 
-    load_suite(cfg.data, cfg.seed)  # data errors surface here, one line, before Ray starts or a folder is made
-    check_partitions(cfg.data, clients, cfg.seed)
+    check_data(cfg, clients)  # data errors surface here, one line, before Ray starts or a folder is made
     out: list[Path] = []
     run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=RoundProgress(cfg.rounds)),
                    client_app=client_app,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import TRAINERS, TrainContext
+from clients import TRAINERS, TrainContext, client_seed
 from fedllm.faults import apply_fault
 from fedllm.config import ExperimentConfig, config_from_json
 from fedllm.data import Examples, TaskSuite, client_examples, load_suite, local_examples
@@ -102,7 +102,7 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     cfg, bundle = job.cfg, job.bundle
     before = get_tensors(bundle.model, bundle.groups.global_names)
     ctx = TrainContext(cfg.client, job.suite.label_ranges if job.suite else [], cfg.model.max_length,
-                       seed=cfg.seed * 100_003 + job.server_round * 1_009 + int(context.node_config.get("partition-id", 0)),
+                       seed=client_seed(cfg.seed, job.server_round, int(context.node_config.get("partition-id", 0))),
                        anchor=before if cfg.client.prox_mu > 0 else None,
                        preference=client_preference(cfg.rl, job.partition_id, cfg.seed) if cfg.rl else None, rl=cfg.rl)
     started = time.perf_counter()

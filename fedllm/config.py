@@ -461,6 +461,17 @@ def config_from_dict(raw: dict[str, Any], overrides: str | list[str] | None = No
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def dotted_leaves(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"section.key": value}`` (the spelling of overrides and sweeps)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(dotted_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def read_experiment_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in an experiment file; missing files and YAML errors in one line (file:line:column)."""
     p = Path(path)

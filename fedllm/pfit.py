@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.rewards import RewardFn, build_reward, mix, score_all
+from clients.rewards import build_rewards, mix, score_all
 from fedllm.config import ExperimentConfig, RLSection
 from fedllm.data import DataError
 from fedllm.instructions import Instruction
@@ -60,16 +60,6 @@ class PolicyScores:
     samples: list[dict[str, str]]
 
 
-_REWARDS: dict[str, dict[str, RewardFn]] = {}
-
-
-def rewards_of(rl: RLSection) -> dict[str, RewardFn]:
-    key = repr(sorted(rl.rewards.items()))
-    if key not in _REWARDS:
-        _REWARDS[key] = {name: build_reward(spec) for name, spec in rl.rewards.items()}
-    return _REWARDS[key]
-
-
 def evaluate_policy(bundle: ModelBundle, cfg: ExperimentConfig, preferences: list[dict[str, float]],
                     samples: int = 4) -> PolicyScores:
     rl = cfg.rl
@@ -77,7 +67,7 @@ def evaluate_policy(bundle: ModelBundle, cfg: ExperimentConfig, preferences: lis
     test = prompts_for(cfg, "test")
     prompts, refs = [t.prompt for t in test], [t.reference for t in test]
     completions = generate(bundle, prompts, rl.max_new_tokens)
-    scores = score_all(rewards_of(rl), prompts, completions, refs)
+    scores = score_all(build_rewards(rl.rewards), prompts, completions, refs)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
     sampled = generate(bundle, prompts, rl.max_new_tokens, sample=True, temperature=rl.temperature, seed=cfg.seed)
     return PolicyScores(

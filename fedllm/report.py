@@ -77,16 +77,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _varying_keys(runs: list[RunResult]) -> list[str]:
     """Dotted config keys (other than seed/output) whose values differ between runs."""
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-        out: dict[str, str] = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
-        return out
+    from fedllm.config import dotted_leaves
 
-    flats = [flat({k: v for k, v in r.config.items() if k not in ("seed", "output")}) for r in runs]
+    flats = [{k: json.dumps(v, sort_keys=True)
+              for k, v in dotted_leaves({k: v for k, v in r.config.items() if k not in ("seed", "output")}).items()}
+             for r in runs]
     keys = sorted(set().union(*flats)) if flats else []
     return [k for k in keys if len({f.get(k) for f in flats}) > 1]
 

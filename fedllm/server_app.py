@@ -26,7 +26,7 @@ from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.privacy import gaussian_epsilon
 from fedllm.realign import few_shot_set, realign
 from fedllm.models import build_bundle
-from fedllm.pfit import evaluate_policy, preferences_of
+from fedllm.pfit import client_prompts, evaluate_policy, preferences_of
 from fedllm.policy import build_policy
 from fedllm.payload import (METRICS, ClientUpdate, RejectedReply, parse_reply, reject_outlier_norms,
                             round_content)
@@ -55,6 +55,16 @@ def resolve_experiment_path(path: str) -> Path | None:
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
     return load_config(resolve_experiment_path(str(run_config.get("experiment", ""))),
                        str(run_config.get("overrides", "")) or None)
+
+
+def check_data(cfg: ExperimentConfig, num_partitions: int) -> None:
+    """Data errors of a run with ``num_partitions`` simulated clients (a missing file, a label out of
+    range, a client left with no examples or prompts), raised before training and before a results
+    folder exists."""
+    if cfg.rl is not None:
+        client_prompts(cfg, 0, num_partitions)  # loads rl.prompts; too few for the clients is an error
+    else:
+        check_partitions(cfg.data, num_partitions, cfg.seed)
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float = 120.0) -> list[int]:
@@ -90,13 +100,13 @@ class FederatedRun:
         self.grid, self.cfg, self.echo = grid, cfg, echo
         # The score that names a run: accuracy of a classifier, mean mixed reward of a policy (PFIT).
         self.metric = "reward" if cfg.rl is not None else "accuracy"
+        if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
+            check_data(cfg, cfg.data.num_clients)
         if cfg.rl is not None:
             self.suite, self.test, self.validation = None, None, None
             self.bundle = build_policy(cfg)
         else:
             self.suite = load_suite(cfg.data, cfg.seed)
-            if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
-                check_partitions(cfg.data, cfg.data.num_clients, cfg.seed)
             self.test = self.suite.split("test")
             self.validation = self.suite.split("validation")
             self.bundle = build_bundle(cfg, self.suite.label_names)

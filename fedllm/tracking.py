@@ -36,14 +36,11 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round" and math.isfinite(v)}
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)[:250]  # MLflow caps parameter values
-    return out
+def mlflow_params(config: dict[str, Any]) -> dict[str, str]:
+    """The config as MLflow parameters: dotted keys, values as text cut to MLflow's 250 characters."""
+    from fedllm.config import dotted_leaves
+
+    return {k: str(v)[:250] for k, v in dotted_leaves(config).items()}
 
 
 class TensorBoardTracker:
@@ -71,7 +68,7 @@ class MLflowTracker:
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         mlflow.start_run(run_name=run_name)
-        mlflow.log_params(flatten(config))
+        mlflow.log_params(mlflow_params(config))
 
     def log_round(self, record: dict[str, Any]) -> None:
         self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars(record).items()},
