@@ -5,6 +5,7 @@ Pure tensor code (no Flower), so the server's core step is unit tested directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,13 @@ class DPSettings:
     generator: torch.Generator
 
 
-def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule, dp: DPSettings | None = None
+def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule, dp: DPSettings | None = None,
+                 to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The fused delta of a round after the channel (``None`` if every payload was lost) and its record.
 
+    ``to_fusion_space`` maps the received rows to what is fused when that is not what was sent
+    (LoRA factors -> weight deltas B @ A, fedllm/lora_products.py); the channel always sees the payload.
     Updates are put in client-id order first: replies arrive in any order, and the channel's
     noise draws and the fusion's float sums must not depend on it (reproducible runs, resume)."""
     updates = sorted(updates, key=lambda u: u.client_id)
@@ -37,6 +41,8 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule
     received, report = channel.transmit(batch, meta)
     record: dict[str, Any] = report.summary()
     keep = ~report.dropped
+    if to_fusion_space is not None and not report.aggregated:
+        received = to_fusion_space(received)
     if report.aggregated:  # over-the-air: the channel already delivered the weighted mean
         fused = received[0]
     elif keep.any() and dp is not None:  # DP-FedAvg: clipped uniform mean plus Gaussian noise
@@ -51,4 +57,9 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, fuse: FusionRule
 
 
 def apply_update(global_params: Tensors, fused: torch.Tensor | None, layout: Layout, scale: float) -> Tensors:
-    return global_params if fused is None else add(global_params, unflatten(fused, layout), scale)
+    """``global + scale * fused`` on the tensors of ``layout``; the others (e.g. LoRA factors kept at
+    their initial value while their product is folded into base weights) stay as they are."""
+    if fused is None:
+        return global_params
+    delta = unflatten(fused, layout)
+    return {**global_params, **add({n: global_params[n] for n in delta}, delta, scale)}

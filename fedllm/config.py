@@ -63,6 +63,17 @@ class PeftSection(_Section):
     local_patterns: list[str] = Field(default_factory=list)
     # Tensors that never train, hence are never sent (R-MTLLMF freezes the embeddings: "embeddings").
     frozen_patterns: list[str] = Field(default_factory=list)
+    # How the server fuses LoRA updates: `factors` fuses A and B as tensors (FedIT); `weight_delta`
+    # fuses each client's scaling * B @ A and folds it into the base weights (what task arithmetic,
+    # TIES and DARE are defined on); clients still send only the factors (fedllm/lora_products.py).
+    fuse_lora_as: Literal["factors", "weight_delta"] = "factors"
+
+    @model_validator(mode="after")
+    def _weight_delta_needs_lora(self) -> "PeftSection":
+        if self.fuse_lora_as == "weight_delta" and self.method != "lora":
+            raise ValueError(f"peft.fuse_lora_as 'weight_delta' merges LoRA factors; peft.method is {self.method!r} "
+                             "(use method: lora, or drop fuse_lora_as)")
+        return self
 
 
 class TaskSpec(_Section):
@@ -337,6 +348,9 @@ class ExperimentConfig(_Section):
         if any(s.get("kind") == "ota" for s in stages) and self.strategy.name != "fedavg":
             raise ValueError(f"channel 'ota' delivers only the weighted sum, which strategy {self.strategy.name!r} "
                              "cannot use; use strategy.name: fedavg or another channel")
+        if any(s.get("kind") == "ota" for s in stages) and self.peft.fuse_lora_as == "weight_delta":
+            raise ValueError("channel 'ota' delivers only the sum of the LoRA factors, not each client's B @ A: "
+                             "peft.fuse_lora_as 'weight_delta' needs another channel (or fuse_lora_as: factors)")
         return self
 
     def to_json(self) -> str:
@@ -344,12 +358,15 @@ class ExperimentConfig(_Section):
 
     def digest(self) -> str:
         """Short hash of what decides a run's results: same config, same hash. Tracking is a view
-        of the results, so it is left out, as is an unset ``rl`` (runs made before PFIT existed
-        keep their hash, so their cached results stay found)."""
+        of the results, so it is left out, as are an unset ``rl`` and the default
+        ``peft.fuse_lora_as`` (runs made before those keys existed keep their hash, so their cached
+        results stay found)."""
         data = self.model_dump(mode="json")
         data["output"].pop("tracking", None)
         if data.get("rl") is None:
             data.pop("rl", None)
+        if data["peft"].get("fuse_lora_as") == "factors":  # the default, as before the key existed
+            data["peft"].pop("fuse_lora_as")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:

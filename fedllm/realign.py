@@ -29,6 +29,7 @@ def few_shot_set(pool: Examples, num_tasks: int, shots: int, seed: int) -> Examp
 
 
 def realign_parameters(bundle: ModelBundle, scope: Literal["transmitted", "norms_biases"]) -> list[torch.nn.Parameter]:
+    """The tensors realignment trains: only transmitted ones, since only those reach the clients."""
     params = dict(bundle.model.named_parameters())
     names = list(bundle.groups.global_names)
     if scope == "norms_biases":
@@ -45,6 +46,8 @@ def realign(bundle: ModelBundle, examples: Examples, suite: TaskSuite, *, steps:
             scope: Literal["transmitted", "norms_biases"], max_length: int, seed: int) -> tuple[float, float]:
     """Train the merged model in place on ``examples``; returns the few-shot loss before and after."""
     params = realign_parameters(bundle, scope)
+    if not params:
+        raise ValueError(f"realign_scope {scope!r} selects no tensor of the transmitted group")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     torch.manual_seed(seed)
     model = bundle.model

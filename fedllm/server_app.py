@@ -24,7 +24,8 @@ from fedllm.config import ConfigError, ExperimentConfig, load_config
 from fedllm.data import DataError, check_partitions, load_suite
 from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.privacy import gaussian_epsilon
-from fedllm.realign import few_shot_set, realign
+from fedllm.lora_products import LoraProducts
+from fedllm.realign import few_shot_set, realign, realign_parameters
 from fedllm.models import build_bundle
 from fedllm.pfit import client_prompts, evaluate_policy, preferences_of
 from fedllm.policy import build_policy
@@ -111,10 +112,23 @@ class FederatedRun:
             self.validation = self.suite.split("validation")
             self.bundle = build_bundle(cfg, self.suite.label_names)
         self.global_params = dict(self.bundle.initial_global)
-        self.layout = Layout.of(self.global_params)
+        self.layout = Layout.of(self.global_params)  # what clients send
         self.payload_bytes = self.layout.numel * 4
+        # LoRA merged as weight deltas: clients send factors, the server fuses B @ A in the base weights'
+        # layout and sends those weights down with the factors at their initial value.
+        self.lora = (LoraProducts.of(self.bundle.model, self.bundle.groups.global_names, self.bundle.initial_global)
+                     if cfg.peft.fuse_lora_as == "weight_delta" else None)
+        if self.lora is not None:
+            self.global_params.update(get_tensors(self.bundle.model, self.lora.weight_layout.names))
+        self.fusion_layout = self.lora.weight_layout if self.lora is not None else self.layout
+        self.down_bytes = sum(t.numel() for t in self.global_params.values()) * 4
         self.channel = build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
         self.fuse = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
+        if isinstance(self.fuse, RMTLLMF) and self.fuse.params.realign_steps > 0 and not realign_parameters(
+                self.bundle, self.fuse.params.realign_scope):
+            raise ConfigError(f"strategy.realign_scope {self.fuse.params.realign_scope!r} selects no transmitted "
+                              "tensor to realign (with LoRA there are no LayerNorms or biases in the sent group); "
+                              "use realign_scope: transmitted or realign_steps: 0")
         self.dp = (DPSettings(cfg.strategy.dp_clip_norm, cfg.strategy.dp_noise_multiplier,
                               torch.Generator().manual_seed(cfg.seed + 17))
                    if cfg.strategy.dp_clip_norm is not None else None)
@@ -177,7 +191,7 @@ class FederatedRun:
             return 1.0, {}
         scores = {}
         for lam in self.cfg.strategy.lr_grid:
-            candidate = apply_update(self.global_params, fused, self.layout, lam)
+            candidate = apply_update(self.global_params, fused, self.fusion_layout, lam)
             scores[str(lam)] = self.score(candidate, self.validation)["accuracy"]
         return max(self.cfg.strategy.lr_grid, key=lambda lam: scores[str(lam)]), scores
 
@@ -239,10 +253,13 @@ class FederatedRun:
                         len(missing), len(sampled), cfg.strategy.round_timeout, missing)
         return sampled, len(replied), updates, rejected, missing
 
+    def in_fusion_space(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta if self.lora is None else self.lora(delta[None])[0]
+
     def update(self, rnd: int, updates: list[ClientUpdate]) -> dict:
         """Channel, fusion, scale, optional realignment and fusion metrics; updates the global group."""
         cfg = self.cfg
-        fused, record = fuse_updates(updates, self.channel, self.fuse, self.dp)
+        fused, record = fuse_updates(updates, self.channel, self.fuse, self.dp, self.lora)
         if self.dp is not None:
             self.totals["dp_rounds"] = self.totals.get("dp_rounds", 0) + 1
             record["dp_epsilon"] = gaussian_epsilon(self.totals["dp_rounds"], self.dp.noise_multiplier,
@@ -252,7 +269,7 @@ class FederatedRun:
             scale, record["validation_by_lr"] = self.choose_scale(fused)
         record["server_lr"] = scale
         before = self.global_params
-        self.global_params = apply_update(before, fused, self.layout, scale)
+        self.global_params = apply_update(before, fused, self.fusion_layout, scale)
         if isinstance(self.fuse, RMTLLMF) and self.fuse.params.realign_steps > 0:
             prm = self.fuse.params
             set_tensors(self.bundle.model, self.global_params)
@@ -260,9 +277,13 @@ class FederatedRun:
             record["realign_loss_before"], record["realign_loss_after"] = realign(
                 self.bundle, shots, self.suite, steps=prm.realign_steps, lr=prm.realign_lr,
                 scope=prm.realign_scope, max_length=cfg.model.max_length, seed=cfg.seed + rnd)
-            self.global_params = get_tensors(self.bundle.model, self.bundle.groups.global_names)
+            if self.lora is not None:  # the realigned LoRA goes into the base weights; factors back to initial
+                self.global_params = {**self.global_params, **self.lora.fold(self.bundle.model)}
+            else:
+                self.global_params = get_tensors(self.bundle.model, self.bundle.groups.global_names)
         if cfg.eval.fusion_metrics:
-            individual = {int(u.metrics["task"]): apply_update(before, u.delta, self.layout, 1.0)
+            individual = {int(u.metrics["task"]): apply_update(before, self.in_fusion_space(u.delta),
+                                                               self.fusion_layout, 1.0)
                           for u in updates if u.metrics.get("task", -1) >= 0}
             record.update(fusion_metrics(self.bundle, self.suite, self.test, self.global_params, individual,
                                          cfg.eval.batch_size, cfg.model.max_length))
@@ -284,7 +305,7 @@ class FederatedRun:
                         "clients_used": len(updates), "clients_missing": len(missing),
                         "missing_nodes": missing,
                         "rejected": rejected, "bytes_up": self.payload_bytes * replied,
-                        "bytes_down": self.payload_bytes * len(sampled), "bytes_up_per_client": self.payload_bytes}
+                        "bytes_down": self.down_bytes * len(sampled), "bytes_up_per_client": self.payload_bytes}
         if len(updates) < cfg.strategy.min_clients:
             self.echo(f"[round {rnd}/{cfg.rounds}] skipped: {len(updates)} usable replies < strategy.min_clients="
                       f"{cfg.strategy.min_clients}")

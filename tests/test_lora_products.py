@@ -1,0 +1,126 @@
+"""LoRA task vectors merged as weight deltas B @ A (peft.fuse_lora_as: weight_delta)."""
+
+import pytest
+import torch
+
+from fedllm.client_app import train_round
+from fedllm.config import ConfigError, load_config
+from fedllm.data import load_suite
+from fedllm.lora_products import LoraPair, LoraProducts
+from fedllm.metrics import predict
+from fedllm.models import build_bundle, cached_bundle
+from fedllm.payload import DELTA, METRICS, ClientUpdate, round_content
+from fedllm.server_app import FederatedRun
+from fedllm.vectors import Layout, flatten, get_tensors, set_tensors
+from tests.test_client_app import _context
+from tests.test_rmtllmf import TINY_FUSION
+
+TINY_LORA_FUSION = [o for o in TINY_FUSION if not o.startswith("peft.")] + [
+    "peft.method=lora", "peft.r=4", "peft.alpha=8", "peft.fuse_lora_as=weight_delta", "client.lr=0.01",
+    "client.max_steps=15", "strategy.name=task_arithmetic", "strategy.server_lr=0.5",
+]
+
+
+def test_weight_delta_is_scaling_times_b_at_a_minus_the_initial_product():
+    a0, b0 = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]), torch.zeros(4, 2)
+    head = torch.zeros(3)
+    products = LoraProducts(
+        factor_layout=Layout.of({"l.A": a0, "l.B": b0, "head": head}),
+        weight_layout=Layout.of({"l.W": torch.zeros(4, 3), "head": head}),
+        pairs=(LoraPair("l.A", "l.B", "l.W", scaling=0.5, fan_in_fan_out=False),),
+        initial={"l.A": a0, "l.B": b0}, passthrough=("head",))
+    d_a = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    d_b = torch.arange(8.0).reshape(4, 2)
+    out = products.weight_delta({"l.A": d_a, "l.B": d_b, "head": torch.tensor([1.0, 2.0, 3.0])})
+    assert torch.allclose(out["l.W"], 0.5 * d_b @ (a0 + d_a))
+    assert out["l.W"][3].tolist() == [0.5 * (6 + 7), 0.5 * (6 + 7), 0.5 * (12 - 7)]  # B row (6, 7), A = [[1,1,2],[1,1,-1]]
+    assert out["head"].tolist() == [1.0, 2.0, 3.0]
+    rows = torch.stack([flatten({"l.A": d_a, "l.B": d_b, "head": head}), torch.zeros(6 + 8 + 3)])
+    mapped = products(rows)
+    assert mapped.shape == (2, 12 + 3) and mapped[1].abs().sum() == 0  # nothing learnt, nothing merged
+    # fusing factors is not fusing updates: the mean of two clients' B @ A differs from mean(B) @ mean(A)
+    clients = [(d_b, d_a), (-d_b, -d_a)]
+    mean_of_products = sum(0.5 * b @ (a0 + a) for b, a in clients) / 2
+    product_of_means = 0.5 * (sum(b for b, _ in clients) / 2) @ (a0 + sum(a for _, a in clients) / 2)
+    assert not torch.allclose(mean_of_products, product_of_means)
+
+
+def test_folding_the_lora_into_base_weights_keeps_the_model_function():
+    cfg = load_config(None, TINY_LORA_FUSION)
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle = build_bundle(cfg, suite.label_names)
+    products = LoraProducts.of(bundle.model, bundle.groups.global_names, bundle.initial_global)
+    assert len(products.pairs) == 4  # query and value in 2 layers
+    assert all(n.endswith("base_layer.weight") for n in products.weight_layout.names)
+    g = torch.Generator().manual_seed(0)
+    trained = {n: t + 0.3 * torch.randn(t.shape, generator=g) for n, t in bundle.initial_global.items()}
+    set_tensors(bundle.model, trained)
+    test = suite.split("test").subset(list(range(40)))
+    with torch.no_grad():
+        _, loss_lora = predict(bundle, bundle.model, suite, test, 20, 32)
+    merged = products.fold(bundle.model)
+    assert get_tensors(bundle.model, bundle.groups.global_names).keys() == bundle.initial_global.keys()
+    for n, t in get_tensors(bundle.model, bundle.groups.global_names).items():
+        assert torch.equal(t, bundle.initial_global[n])  # factors reset
+    with torch.no_grad():
+        _, loss_folded = predict(bundle, bundle.model, suite, test, 20, 32)
+    assert loss_folded == pytest.approx(loss_lora, rel=1e-5)
+    assert set(merged) == set(products.weight_layout.names)
+
+
+def test_server_fuses_client_lora_updates_as_weight_deltas_and_sends_merged_weights(tmp_path):
+    cfg = load_config(None, [*TINY_LORA_FUSION, "eval.fusion_metrics=true", f"output.dir={tmp_path}"])
+    run = FederatedRun(None, cfg, echo=lambda _: None)
+    theta0 = {n: t.clone() for n, t in run.global_params.items()}
+    factor_names = set(run.layout.names)
+    assert any(n.endswith("base_layer.weight") for n in theta0) and run.down_bytes > run.payload_bytes
+    updates = []
+    for partition in (0, 1):
+        reply = train_round(round_content(run.global_params, cfg.to_json(), 1, 2), _context(partition))
+        delta = reply.array_records[DELTA].to_torch_state_dict()
+        assert set(delta) == factor_names  # only the factors travel up
+        metrics = {k: float(v) for k, v in dict(reply.metric_records[METRICS]).items()}
+        updates.append(ClientUpdate(partition + 1, flatten(delta, run.layout), 100, metrics))
+    record = run.update(1, updates)
+    expected = sum(run.lora(u.delta[None])[0] for u in updates)
+    for name, value in zip(run.fusion_layout.names, torch.split(expected, run.fusion_layout.sizes)):
+        assert torch.allclose(run.global_params[name], theta0[name] + 0.5 * value.reshape(theta0[name].shape),
+                              atol=1e-6)
+    for name in factor_names:
+        assert torch.equal(run.global_params[name], theta0[name])  # LoRA restarts from its initial value
+    assert record["individual_accuracy/topic"] > 0 and 0 <= record["wd_error"] <= 1
+    # the next round's client starts from the merged weights
+    train_round(round_content(run.global_params, cfg.to_json(), 2, 2), _context(0))
+    client = cached_bundle(cfg, run.suite.label_names)
+    some_weight = run.fusion_layout.names[0]
+    assert torch.equal(dict(client.model.named_parameters())[some_weight].detach(), run.global_params[some_weight])
+
+
+def test_rmtllmf_with_lora_realigns_the_factors_and_folds_them(tmp_path):
+    cfg = load_config(None, [*TINY_LORA_FUSION, "strategy.name=rmtllmf", "peft.frozen_patterns=[embeddings]",
+                             "strategy.realign_scope=transmitted", "strategy.realign_steps=5",
+                             "strategy.realign_lr=0.01", f"output.dir={tmp_path}"])
+    run = FederatedRun(None, cfg, echo=lambda _: None)
+    theta0 = {n: t.clone() for n, t in run.global_params.items()}
+    reply = train_round(round_content(run.global_params, cfg.to_json(), 1, 2), _context(0))
+    update = ClientUpdate(1, flatten(reply.array_records[DELTA].to_torch_state_dict(), run.layout), 100,
+                          {"train_loss": 1.0})
+    record = run.update(1, [update])
+    assert record["realign_loss_after"] < record["realign_loss_before"]
+    for name in run.layout.names:
+        assert torch.equal(run.global_params[name], theta0[name])
+    assert any(not torch.equal(run.global_params[n], theta0[n]) for n in run.fusion_layout.names)
+    norms_only = load_config(None, [*TINY_LORA_FUSION, "strategy.name=rmtllmf", "peft.frozen_patterns=[embeddings]",
+                                    "strategy.realign_scope=norms_biases", f"output.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="realign_scope"):  # LoRA sends no LayerNorm: nothing to realign
+        FederatedRun(None, norms_only, echo=lambda _: None)
+
+
+def test_weight_delta_needs_lora_and_a_per_client_channel():
+    with pytest.raises(ConfigError, match="peft.fuse_lora_as"):
+        load_config(None, [*TINY_FUSION, "peft.fuse_lora_as=weight_delta"])
+    with pytest.raises(ConfigError, match="fuse_lora_as"):
+        load_config(None, [*TINY_LORA_FUSION, "strategy.name=fedavg", "channel.kind=ota"])
+    default = load_config(None, [o for o in TINY_LORA_FUSION if "fuse_lora_as" not in o])
+    explicit = load_config(None, [o for o in TINY_LORA_FUSION if "fuse_lora_as" not in o] + ["peft.fuse_lora_as=factors"])
+    assert default.digest() == explicit.digest()  # the default leaves older results' cache keys alone
