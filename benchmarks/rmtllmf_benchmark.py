@@ -4,18 +4,21 @@ One-shot fusion needs each task's fine-tuned model once, so this script trains e
 vector a single time (cached on disk) and then evaluates every fusion rule and channel on them:
 
 1. normalised accuracy under an ideal channel: zero-shot, individual, task arithmetic, TIES,
-   DARE, R-MTLLMF (embeddings frozen during fine-tuning, task arithmetic, few-shot realignment);
-2. the same for task arithmetic and R-MTLLMF under ``mimo_mac`` with the worst-case (sum-rate)
-   and strongest-user jammer across jammer powers;
-3. WD error against channel MSE over an AWGN sweep, with a Spearman rank test;
-4. per-group sensitivity: noise of one relative MSE hitting only the embeddings, attention,
-   feed-forward or LayerNorm tensors of the fused vector.
+   DARE, R-MTLLMF (embeddings frozen during fine-tuning, task arithmetic, few-shot realignment),
+   and LoRA task vectors merged as weight deltas B @ A vs as summed factors;
+2. task arithmetic and R-MTLLMF (and LoRA B @ A) under ``mimo_mac`` with the worst-case (sum-rate)
+   and strongest-user jammer across jammer powers, with a zero-forcing receiver by default (LMMSE
+   shrinks the estimate, so its error saturates below the signal; see README);
+3. WD error against channel MSE over an AWGN sweep, with a Spearman rank test and a
+   linear-regression slope test on log10 MSE;
+4. per-group sensitivity: noise of one per-value MSE hitting only the embeddings, attention,
+   feed-forward or LayerNorm tensors of the fused model.
 
 Data: the 8 text tasks in ../shared/data (sst2 subj cr mpqa trec banking77 ag_news emotion)
 when present, else the embedded tasks. Model: the embedded MiniLM with frozen label-embedding
-heads, full fine-tuning. Writes table.md, results.json and PNG plots under --out.
+heads. Writes table.md, results.json and PNG plots under --out.
 
-    python benchmarks/rmtllmf_benchmark.py --quick          # 3 tasks, short: about 10 min on 2 cores
+    python benchmarks/rmtllmf_benchmark.py --quick          # 3 tasks, short
     python benchmarks/rmtllmf_benchmark.py                  # all 8 tasks
 """
 
@@ -33,30 +36,41 @@ import torch  # noqa: E402
 
 from channels import ClientMeta, build_channel  # noqa: E402
 from clients import TRAINERS, TrainContext  # noqa: E402
+from fedllm.aggregation import apply_update  # noqa: E402
 from fedllm.config import config_from_dict  # noqa: E402
 from fedllm.data import load_suite  # noqa: E402
-from fedllm.metrics import evaluate_tasks, fusion_metrics  # noqa: E402
+from fedllm.lora_products import LoraProducts  # noqa: E402
+from fedllm.metrics import evaluate_tasks, fusion_scores, individual_predictions, per_task_accuracy, predict  # noqa: E402
 from fedllm.models import build_bundle  # noqa: E402
 from fedllm.realign import few_shot_set, realign  # noqa: E402
-from fedllm.vectors import Layout, add, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
+from fedllm.vectors import Layout, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
 from strategies import build_rule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 REAL_TASKS = ["sst2", "subj", "cr", "mpqa", "trec", "banking77", "ag_news", "emotion"]
-GROUPS = {"embeddings": "embeddings", "attention": "attention", "feed_forward": ("intermediate", "output.dense"),
+GROUPS = {"embeddings": "embeddings", "attention": "attention.self", "feed_forward": ("intermediate.dense", "output.dense"),
           "layernorm": "LayerNorm"}
+LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
+# family: (peft section, client lr). full: everything trains and is sent (task arithmetic, TIES, DARE);
+# frozen: R-MTLLMF's fine-tuning with the embeddings kept home; lora: LoRA r=8 on query/value.
+FAMILIES = {
+    "full": ({"method": "full", "global_patterns": ["*"]}, 2e-5),
+    "frozen": ({"method": "full", "global_patterns": ["*"], "frozen_patterns": ["embeddings"]}, 2e-5),
+    "lora": ({"method": "lora", "r": 8, "alpha": 16, "fuse_lora_as": "weight_delta"}, 5e-4),
+}
 
 
-def experiment(tasks: list[str], frozen: bool, steps: int, max_test: int) -> object:
+def experiment(tasks: list[str], family: str, steps: int, max_test: int, model: str = "minilm") -> object:
     real = all((SHARED / t / "train.jsonl").is_file() for t in tasks)
     specs = [{"name": t, "source": "local", "path": str(SHARED / t)} if real else {"name": t} for t in tasks]
+    peft, lr = FAMILIES[family]
     return config_from_dict({
-        "model": {"name": "minilm", "max_length": 64, "head": "label_embedding", "temperature": 0.05},
-        "peft": {"method": "full", "global_patterns": ["*"], "frozen_patterns": ["embeddings"] if frozen else []},
+        "model": {"name": model, "max_length": 64, "head": "label_embedding", "temperature": 0.05},
+        "peft": peft,
         "data": {"tasks": specs, "partition": "task", "max_train_per_task": 2000, "max_test_per_task": max_test,
                  "validation_per_task": 100},
-        "client": {"lr": 2e-5, "batch_size": 16, "max_steps": steps},
+        "client": {"lr": lr, "batch_size": 16, "max_steps": steps},
         "strategy": {"name": "task_arithmetic"}, "rounds": 1, "seed": 0,
     })
 
@@ -78,37 +92,51 @@ def task_vectors(cfg, bundle, suite, cache: Path) -> dict[int, dict[str, torch.T
                                                                        cfg.model.max_length, seed=t))
         out[t] = subtract(get_tensors(bundle.model, bundle.groups.global_names), theta0)
         torch.save(out[t], path)
-        print(f"  fine-tuned {task.name}: {result.steps} steps, loss {result.loss:.3f}, {time.perf_counter() - start:.0f}s")
+        print(f"  fine-tuned {task.name}: {result.steps} steps, loss {result.loss:.3f}, {time.perf_counter() - start:.0f}s",
+              flush=True)
     set_tensors(bundle.model, theta0)
     return out
 
 
 class Fusion:
-    """Everything needed to merge one family of task vectors and score the result."""
+    """One family of task vectors: channel, merge and score, with each task's own model's
+    predictions computed once. LoRA vectors travel as factors and are fused as B @ A."""
 
     def __init__(self, cfg, bundle, suite, taus: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.cfg, self.bundle, self.suite, self.taus = cfg, bundle, suite, taus
-        self.theta0 = dict(bundle.initial_global)
-        self.layout = Layout.of(self.theta0)
-        self.batch = torch.stack([flatten(taus[t], self.layout) for t in sorted(taus)])
+        self.cfg, self.bundle, self.suite = cfg, bundle, suite
+        self.sent_layout = Layout.of(bundle.initial_global)
+        self.batch = torch.stack([flatten(taus[t], self.sent_layout) for t in sorted(taus)])
+        self.lora = (LoraProducts.of(bundle.model, bundle.groups.global_names, bundle.initial_global)
+                     if cfg.peft.fuse_lora_as == "weight_delta" else None)
+        self.layout = self.lora.weight_layout if self.lora else self.sent_layout
+        self.theta0 = {**bundle.initial_global, **get_tensors(bundle.model, self.layout.names)}
         self.test = suite.split("test")
         self.validation = suite.split("validation")
-        self.individual = {t: add(self.theta0, taus[t]) for t in taus}
+        in_fusion_space = self.to_fusion_space(self.batch)
+        individual = {t: apply_update(self.theta0, in_fusion_space[i], self.layout, 1.0) for i, t in enumerate(sorted(taus))}
+        self.own = individual_predictions(bundle, suite, self.test, individual, 64, cfg.model.max_length)
+
+    def to_fusion_space(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.lora(rows) if self.lora is not None else rows
 
     def received(self, channel: dict | None, seed: int = 0) -> tuple[torch.Tensor, float]:
+        """What the server gets (sent space) and the mean per-client MSE relative to the payload's power."""
         if not channel:
             return self.batch, 0.0
-        meta = ClientMeta([f"t{t}" for t in sorted(self.taus)], torch.ones(len(self.taus)))
+        meta = ClientMeta([f"t{t}" for t in range(len(self.batch))], torch.ones(len(self.batch)))
         out, report = build_channel(channel["kind"], {k: v for k, v in channel.items() if k != "kind"}, seed).transmit(
             self.batch, meta)
-        rel = float((report.mse / self.batch.pow(2).mean(dim=1)).mean())
-        return out, rel
+        return out, float((report.mse / self.batch.pow(2).mean(dim=1)).mean())
 
-    def merge(self, received: torch.Tensor, rule: str, realign_steps: int = 0, **params) -> dict[str, torch.Tensor]:
-        fused = build_rule(rule, params, seed=0)(received, torch.ones(received.shape[0]))
+    def merge(self, received: torch.Tensor, rule: str, realign_steps: int = 0, as_factors: bool = False,
+              **params) -> dict[str, torch.Tensor]:
+        """theta0 + lambda * fuse(received), lambda on validation data as in task arithmetic; then
+        R-MTLLMF's realignment if asked. ``as_factors``: fuse LoRA factors as tensors (FedIT's way)."""
+        rows, layout = (received, self.sent_layout) if as_factors else (self.to_fusion_space(received), self.layout)
+        fused = build_rule(rule, params, seed=0)(rows, torch.ones(rows.shape[0]))
         best, best_acc = self.theta0, -1.0
-        for lam in [0.1 * i for i in range(1, 11)]:  # lambda on validation data, as in task arithmetic
-            cand = add(self.theta0, unflatten(fused, self.layout), lam)
+        for lam in LAMBDAS:
+            cand = apply_update(self.theta0, fused, layout, lam)
             set_tensors(self.bundle.model, cand)
             acc = evaluate_tasks(self.bundle, self.bundle.model, self.suite, self.validation, 64,
                                  self.cfg.model.max_length)["accuracy"]
@@ -117,104 +145,160 @@ class Fusion:
         if realign_steps:
             set_tensors(self.bundle.model, best)
             shots = few_shot_set(self.validation, len(self.suite.tasks), 5, seed=0)
-            realign(self.bundle, shots, self.suite, steps=realign_steps, lr=1e-4, scope="norms_biases",
-                    max_length=self.cfg.model.max_length, seed=0)
-            best = get_tensors(self.bundle.model, self.bundle.groups.global_names)
+            realign(self.bundle, shots, self.suite, steps=realign_steps, lr=1e-4,
+                    scope="transmitted" if self.lora else "norms_biases", max_length=self.cfg.model.max_length, seed=0)
+            best = {**best, **(self.lora.fold(self.bundle.model) if self.lora else
+                               get_tensors(self.bundle.model, self.bundle.groups.global_names))}
         return best
 
     def score(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
-        out = fusion_metrics(self.bundle, self.suite, self.test, params, self.individual, 64, self.cfg.model.max_length)
         set_tensors(self.bundle.model, params)
-        out.update(evaluate_tasks(self.bundle, self.bundle.model, self.suite, self.test, 64, self.cfg.model.max_length))
+        preds, _ = predict(self.bundle, self.bundle.model, self.suite, self.test, 64, self.cfg.model.max_length)
+        per_task = per_task_accuracy(preds, self.test, self.suite)
+        out = fusion_scores(preds, self.own, self.test, self.suite)
+        out.update({f"accuracy/{k}": v for k, v in per_task.items()})
+        out["accuracy"] = sum(per_task.values()) / len(per_task)
         return out
 
+    def individual_accuracy(self) -> float:
+        accs = [float((p == torch.tensor(self.test.labels)[torch.tensor(self.test.tasks) == t]).float().mean())
+                for t, p in sorted(self.own.items())]
+        return sum(accs) / len(accs)
 
-def main() -> None:
+
+def group_mask(layout: Layout, patterns: str | tuple[str, ...]) -> torch.Tensor:
+    patterns = patterns if isinstance(patterns, tuple) else (patterns,)
+    return torch.cat([torch.full((size,), any(p in name for p in patterns))
+                      for name, size in zip(layout.names, layout.sizes)])
+
+
+def slope_tests(mse: list[float], wd: list[float]) -> dict[str, float]:
+    """Does WD error grow with channel MSE? Spearman's rank correlation and the slope of WD error
+    on log10 MSE, each with its two-sided p-value."""
+    import numpy as np
+    from scipy.stats import linregress, spearmanr
+
+    rho, p_rho = spearmanr(mse, wd)
+    fit = linregress(np.log10(mse), wd)
+    return {"spearman_rho": float(rho), "p_value": float(p_rho), "slope_per_decade": float(fit.slope),
+            "slope_p_value": float(fit.pvalue), "n": len(mse)}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 tasks, fewer steps and jammer powers")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per task")
+    parser.add_argument("--receiver", choices=["zf", "lmmse"], default="zf", help="mimo_mac receiver")
+    parser.add_argument("--powers", type=float, nargs="+", help="jammer powers in dB")
+    parser.add_argument("--tasks", nargs="+", help="task names (default: the 8 shared tasks, else embedded ones)")
+    parser.add_argument("--model", default="minilm", help="'minilm' or 'tiny-bert' (a smoke run of this script)")
+    parser.add_argument("--max-test", type=int, default=None, help="test examples per task")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     real = all((SHARED / t / "train.jsonl").is_file() for t in REAL_TASKS)
-    tasks = (REAL_TASKS[:3] if args.quick else REAL_TASKS) if real else ["sentiment", "topic", "question"]
+    tasks = args.tasks or ((REAL_TASKS[:3] if args.quick else REAL_TASKS) if real else ["sentiment", "topic", "question"])
+    real = all((SHARED / t / "train.jsonl").is_file() for t in tasks)
     steps = args.steps or (60 if args.quick else 150)
-    powers = [0.0, 20.0, 40.0] if args.quick else [0.0, 10.0, 20.0, 30.0, 40.0]
-    max_test = 200 if args.quick else 500
+    powers = args.powers or ([0.0, 40.0, 60.0] if args.quick else [0.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    max_test = args.max_test or (200 if args.quick else 300)
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "cache"
     cache.mkdir(exist_ok=True)
-    print(f"tasks: {tasks} ({'../shared/data' if real else 'embedded'}), {steps} steps each")
-    results: dict = {"tasks": tasks, "steps": steps, "data": "shared" if real else "embedded"}
+    started = time.perf_counter()
+    print(f"tasks: {tasks} ({'../shared/data' if real else 'embedded'}), {steps} steps each", flush=True)
+    results: dict = {"tasks": tasks, "steps": steps, "data": "shared" if real else "embedded", "seed": 0,
+                     "receiver": args.receiver}
 
     families = {}
-    for frozen in (False, True):
-        cfg = experiment(tasks, frozen, steps, max_test)
+    for name in FAMILIES:
+        cfg = experiment(tasks, name, steps, max_test, args.model)
         suite = load_suite(cfg.data, cfg.seed)
         bundle = build_bundle(cfg, suite.label_names)
-        families[frozen] = Fusion(cfg, bundle, suite, task_vectors(cfg, bundle, suite, cache))
-    plain, frozen = families[False], families[True]
-    mimo_base = {"kind": "mimo_mac", "nt": max(1, 16 // len(tasks))}
+        families[name] = Fusion(cfg, bundle, suite, task_vectors(cfg, bundle, suite, cache))
+    full, frozen, lora = families["full"], families["frozen"], families["lora"]
+    mimo_base = {"kind": "mimo_mac", "nt": max(1, 16 // len(tasks)), "receiver": args.receiver}
+    methods = {"task arithmetic": (full, 0), "R-MTLLMF": (frozen, 20), "task arithmetic, LoRA B@A": (lora, 0)}
 
     # 1. ideal channel
-    table = {"zero-shot": plain.score(plain.theta0)}
-    table["task arithmetic"] = plain.score(plain.merge(plain.batch, "task_arithmetic"))
-    individual = [table["task arithmetic"][f"individual_accuracy/{task.name}"] for task in plain.suite.tasks]
-    table = {"zero-shot": table["zero-shot"], "individual": {"accuracy": sum(individual) / len(individual),
-                                                             "normalized_accuracy": 1.0},
-             "task arithmetic": table["task arithmetic"]}
-    table["TIES"] = plain.score(plain.merge(plain.batch, "ties", k=0.2))
-    table["DARE"] = plain.score(plain.merge(plain.batch, "dare", p=0.9))
-    table["R-MTLLMF"] = frozen.score(frozen.merge(frozen.batch, "task_arithmetic", realign_steps=20))
+    table = {"zero-shot": full.score(full.theta0),
+             "individual": {"accuracy": full.individual_accuracy(), "normalized_accuracy": 1.0},
+             "task arithmetic": full.score(full.merge(full.batch, "task_arithmetic")),
+             "TIES": full.score(full.merge(full.batch, "ties", k=0.2)),
+             "DARE": full.score(full.merge(full.batch, "dare", p=0.9)),
+             "R-MTLLMF": frozen.score(frozen.merge(frozen.batch, "task_arithmetic", realign_steps=20)),
+             "individual, LoRA": {"accuracy": lora.individual_accuracy(), "normalized_accuracy": 1.0},
+             "task arithmetic, LoRA B@A": lora.score(lora.merge(lora.batch, "task_arithmetic")),
+             "task arithmetic, LoRA factors summed": lora.score(lora.merge(lora.batch, "task_arithmetic",
+                                                                           as_factors=True)),
+             "TIES, LoRA B@A": lora.score(lora.merge(lora.batch, "ties", k=0.2))}
     results["ideal"] = table
-    print("ideal channel:", {k: round(v.get("normalized_accuracy", float("nan")), 4) for k, v in table.items()})
+    print("ideal channel:", {k: round(v.get("normalized_accuracy", float("nan")), 4) for k, v in table.items()}, flush=True)
 
     # 2. jammed MIMO uplink
     jammed = []
     for jammer in ("worst_case", "strongest_user"):
         for power in powers:
             channel = {**mimo_base, "jammer": jammer, "jammer_power_db": power}
-            for name, fam, realign_steps in (("task arithmetic", plain, 0), ("R-MTLLMF", frozen, 20)):
+            for name, (fam, realign_steps) in methods.items():
                 received, rel_mse = fam.received(channel)
                 scores = fam.score(fam.merge(received, "task_arithmetic", realign_steps=realign_steps))
                 jammed.append({"jammer": jammer, "power_db": power, "method": name, "relative_mse": rel_mse,
-                               "normalized_accuracy": scores.get("normalized_accuracy"), "wd_error": scores.get("wd_error"),
+                               "normalized_accuracy": scores["normalized_accuracy"], "wd_error": scores["wd_error"],
                                "accuracy": scores["accuracy"]})
-                print(f"  {jammer} {power:>4} dB {name:16s} rel.MSE {rel_mse:.3f} "
-                      f"norm.acc {scores.get('normalized_accuracy', float('nan')):.4f}")
+                print(f"  {jammer} {power:>4} dB {name:26s} rel.MSE {rel_mse:9.3f} "
+                      f"norm.acc {scores['normalized_accuracy']:.4f} WD {scores['wd_error']:.4f}", flush=True)
     results["jammed"] = jammed
+    results["target"] = target_check(results)
 
-    # 3. WD error vs MSE
-    from scipy.stats import spearmanr
-
+    # 3. WD error vs MSE (fixed lambda, so the search does not hide the noise)
     wd = []
     for snr in ([-40.0, -20.0, 0.0, 20.0] if args.quick else [-50.0, -40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0]):
-        received, rel_mse = plain.received({"kind": "awgn", "snr_db": snr, "power_normalisation": "payload"})
-        scores = plain.score(add(plain.theta0, unflatten(received.sum(0), plain.layout), 0.3))
-        wd.append({"snr_db": snr, "relative_mse": rel_mse, "wd_error": scores["wd_error"]})
-    rho, p_value = spearmanr([w["relative_mse"] for w in wd], [w["wd_error"] for w in wd])
-    results["wd_vs_mse"] = {"points": wd, "spearman_rho": float(rho), "p_value": float(p_value)}
-    print(f"WD error vs MSE: Spearman rho {rho:.3f}, p = {p_value:.4f}")
+        received, rel_mse = full.received({"kind": "awgn", "snr_db": snr, "power_normalisation": "payload"})
+        scores = full.score(apply_update(full.theta0, received.sum(0), full.layout, 0.3))
+        wd.append({"snr_db": snr, "relative_mse": rel_mse, "wd_error": scores["wd_error"],
+                   "normalized_accuracy": scores["normalized_accuracy"]})
+        print(f"  AWGN {snr:>5} dB rel.MSE {rel_mse:.3g} WD {scores['wd_error']:.4f}", flush=True)
+    ta = [r for r in jammed if r["method"] == "task arithmetic"]
+    results["wd_vs_mse"] = {"points": wd, **slope_tests([w["relative_mse"] for w in wd], [w["wd_error"] for w in wd]),
+                            "jammed": slope_tests([r["relative_mse"] for r in ta], [r["wd_error"] for r in ta])}
+    print("WD error vs MSE:", results["wd_vs_mse"], flush=True)
 
-    # 4. per-group sensitivity (noise of relative MSE 100 on one group of the fused vector)
-    fused = plain.batch.sum(0)
-    sens = {}
+    # 4. per-group sensitivity: noise of the same per-value MSE on one group of the fused model
+    fused = full.batch.sum(0)
+    base = apply_update(full.theta0, fused, full.layout, 0.3)
+    base_flat = flatten(base, full.layout)
+    sens = []
     g = torch.Generator().manual_seed(0)
-    for group, patterns in GROUPS.items():
-        patterns = patterns if isinstance(patterns, tuple) else (patterns,)
-        mask = torch.cat([torch.full((size,), any(p in name for p in patterns))
-                          for name, size in zip(plain.layout.names, plain.layout.sizes)])
-        rms = float(fused[mask].pow(2).mean().sqrt())
-        noisy = fused + mask * torch.randn(fused.shape, generator=g) * rms * 10.0
-        scores = plain.score(add(plain.theta0, unflatten(noisy, plain.layout), 0.3))
-        sens[group] = {"values": int(mask.sum()), "normalized_accuracy": scores.get("normalized_accuracy")}
-    clean = plain.score(add(plain.theta0, unflatten(fused, plain.layout), 0.3)).get("normalized_accuracy")
-    results["sensitivity"] = {"clean": clean, "groups": sens}
-    print("sensitivity:", {k: round(v["normalized_accuracy"], 4) for k, v in sens.items()}, "clean", round(clean, 4))
+    for sigma in ([0.03, 0.1] if args.quick else [0.01, 0.03, 0.1]):
+        for group, patterns in GROUPS.items():
+            mask = group_mask(full.layout, patterns)
+            noisy = base_flat + mask * torch.randn(base_flat.shape, generator=g) * sigma
+            scores = full.score({**full.theta0, **unflatten(noisy, full.layout)})
+            sens.append({"group": group, "sigma": sigma, "values": int(mask.sum()),
+                         "normalized_accuracy": scores["normalized_accuracy"]})
+            print(f"  noise std {sigma} on {group}: norm.acc {scores['normalized_accuracy']:.4f}", flush=True)
+    results["sensitivity"] = {"clean": full.score(base)["normalized_accuracy"], "rows": sens}
+    results["seconds"] = time.perf_counter() - started
 
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     write_outputs(results, args.out)
-    print(f"results in {args.out}")
+    print(f"results in {args.out} ({results['seconds'] / 60:.0f} min)")
+
+
+def target_check(results: dict) -> dict:
+    """The issue's target: at the first jammer power where task arithmetic has lost half of its
+    ideal normalised accuracy, does R-MTLLMF keep >= 90% of its own?"""
+    ideal = results["ideal"]
+    out = {}
+    for jammer in ("worst_case", "strongest_user"):
+        rows = {(r["method"], r["power_db"]): r["normalized_accuracy"] for r in results["jammed"] if r["jammer"] == jammer}
+        powers = sorted({p for _, p in rows})
+        half = next((p for p in powers if rows[("task arithmetic", p)] <= 0.5 * ideal["task arithmetic"]["normalized_accuracy"]),
+                    None)
+        out[jammer] = {"power_db": half, "rmtllmf_kept": None if half is None else
+                       rows[("R-MTLLMF", half)] / ideal["R-MTLLMF"]["normalized_accuracy"]}
+    return out
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -223,29 +307,56 @@ def write_outputs(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"Tasks: {', '.join(results['tasks'])} ({results['data']} data), {results['steps']} fine-tuning steps each.", "",
+    nan = float("nan")
+    lines = [f"Tasks: {', '.join(results['tasks'])} ({results['data']} data), {results['steps']} fine-tuning steps "
+             f"each, seed {results['seed']}; mimo_mac receiver {results['receiver']}.", "",
              "| method (ideal channel) | accuracy | normalised accuracy |", "| --- | --- | --- |"]
-    for name, s in results["ideal"].items():
-        lines.append(f"| {name} | {s.get('accuracy', float('nan')):.4f} | {s.get('normalized_accuracy', float('nan')):.4f} |")
-    lines += ["", "| jammer | power (dB) | method | relative MSE | normalised accuracy | WD error |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for r in results["jammed"]:
-        lines.append(f"| {r['jammer']} | {r['power_db']:.0f} | {r['method']} | {r['relative_mse']:.3f} | "
-                     f"{r['normalized_accuracy']:.4f} | {r['wd_error']:.4f} |")
+    for name, sc in results["ideal"].items():
+        lines.append(f"| {name} | {sc.get('accuracy', nan):.4f} | {sc.get('normalized_accuracy', nan):.4f} |")
+    powers = sorted({r["power_db"] for r in results["jammed"]})
+    methods = list(dict.fromkeys(r["method"] for r in results["jammed"]))
+    for jammer in ("worst_case", "strongest_user"):
+        rows = {(r["method"], r["power_db"]): r for r in results["jammed"] if r["jammer"] == jammer}
+        lines += ["", f"Jammer {jammer}: normalised accuracy (WD error) by jammer power (dB)", "",
+                  "| method | " + " | ".join(f"{p:.0f}" for p in powers) + " |", "| --- |" + " --- |" * len(powers)]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(f"{rows[(m, p)]['normalized_accuracy']:.4f} ({rows[(m, p)]['wd_error']:.3f})"
+                                               for p in powers) + " |")
+        lines.append("| relative MSE (all layers sent) | " + " | ".join(
+            f"{rows[('task arithmetic', p)]['relative_mse']:.3g}" for p in powers) + " |")
+        t = results["target"][jammer]
+        lines += ["", (f"Target: task arithmetic has lost half of its ideal normalised accuracy at {t['power_db']:.0f} dB, "
+                       f"where R-MTLLMF keeps {100 * t['rmtllmf_kept']:.1f}% of its own (goal >= 90%)."
+                       if t["power_db"] is not None else "Target: task arithmetic never loses half of its ideal "
+                       "normalised accuracy in this sweep.")]
     w = results["wd_vs_mse"]
-    lines += ["", f"WD error vs relative MSE (AWGN sweep): Spearman rho = {w['spearman_rho']:.3f}, p = {w['p_value']:.4g}", "",
-              "| group hit by noise (10x its RMS) | values | normalised accuracy |", "| --- | --- | --- |"]
-    for g, v in results["sensitivity"]["groups"].items():
-        lines.append(f"| {g} | {v['values']:,} | {v['normalized_accuracy']:.4f} |")
-    lines.append(f"| none (clean) | — | {results['sensitivity']['clean']:.4f} |")
+    lines += ["", "WD error vs relative channel MSE (AWGN sweep, lambda 0.3):", "",
+              "| SNR (dB) | relative MSE | WD error | normalised accuracy |", "| --- | --- | --- | --- |"]
+    lines += [f"| {p['snr_db']:.0f} | {p['relative_mse']:.3g} | {p['wd_error']:.4f} | {p['normalized_accuracy']:.4f} |"
+              for p in w["points"]]
+    for label, test in (("AWGN sweep", w), ("jammed task arithmetic", w["jammed"])):
+        lines.append(f"\n{label}, {test['n']} points: Spearman rho = {test['spearman_rho']:.3f} "
+                     f"(p = {test['p_value']:.3g}); WD error rises {test['slope_per_decade']:.4f} per decade of MSE "
+                     f"(slope p = {test['slope_p_value']:.3g}).")
+    sens = results["sensitivity"]
+    sigmas = sorted({r["sigma"] for r in sens["rows"]})
+    groups = list(dict.fromkeys(r["group"] for r in sens["rows"]))
+    cell = {(r["group"], r["sigma"]): r for r in sens["rows"]}
+    lines += ["", f"Sensitivity: normalised accuracy of the fused model (clean {sens['clean']:.4f}) when Gaussian noise "
+              "of the given std per value hits one group only", "",
+              "| group | values | " + " | ".join(f"std {s:g}" for s in sigmas) + " |", "| --- | --- |" + " --- |" * len(sigmas)]
+    for g in groups:
+        lines.append(f"| {g} | {cell[(g, sigmas[0])]['values']:,} | "
+                     + " | ".join(f"{cell[(g, s)]['normalized_accuracy']:.4f}" for s in sigmas) + " |")
+    lines.append(f"\nWall time: {results['seconds'] / 60:.0f} min.")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, jammer in zip(axes, ("worst_case", "strongest_user")):
-        for method in ("task arithmetic", "R-MTLLMF"):
+        for method in methods:
             pts = [r for r in results["jammed"] if r["jammer"] == jammer and r["method"] == method]
             ax.plot([r["power_db"] for r in pts], [r["normalized_accuracy"] for r in pts], marker="o", label=method)
-        ax.set_title(f"jammer: {jammer}")
+        ax.set_title(f"jammer: {jammer} ({results['receiver']} receiver)")
         ax.set_xlabel("jammer power (dB)")
         ax.set_ylabel("normalised accuracy")
         ax.legend()
@@ -253,12 +364,23 @@ def write_outputs(results: dict, out: Path) -> None:
     fig.savefig(out / "jammed.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 4))
-    pts = results["wd_vs_mse"]["points"]
-    ax.semilogx([p["relative_mse"] for p in pts], [p["wd_error"] for p in pts], marker="o")
+    ax.semilogx([p["relative_mse"] for p in w["points"]], [p["wd_error"] for p in w["points"]], marker="o", label="AWGN")
+    ta = [r for r in results["jammed"] if r["method"] == "task arithmetic"]
+    ax.semilogx([r["relative_mse"] for r in ta], [r["wd_error"] for r in ta], "s", label="jammed (task arithmetic)")
     ax.set_xlabel("relative channel MSE")
     ax.set_ylabel("WD error")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out / "wd_vs_mse.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for g in groups:
+        ax.semilogx(sigmas, [cell[(g, s)]["normalized_accuracy"] for s in sigmas], marker="o", label=g)
+    ax.set_xlabel("noise std per value")
+    ax.set_ylabel("normalised accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity.png", dpi=110)
     plt.close(fig)
 
 

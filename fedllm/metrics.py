@@ -64,32 +64,49 @@ def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a != b).float().mean()) if len(a) else 0.0
 
 
-def fusion_metrics(bundle: ModelBundle, suite: TaskSuite, test: Examples, merged: Mapping[str, torch.Tensor],
-                   individual: Mapping[int, Mapping[str, torch.Tensor]], batch_size: int,
-                   max_length: int) -> dict[str, float]:
-    """Normalised accuracy and WD error of ``merged`` against each task's individual parameters."""
-    set_tensors(bundle.model, merged)
-    merged_preds, _ = predict(bundle, bundle.model, suite, test, batch_size, max_length)
+def individual_predictions(bundle: ModelBundle, suite: TaskSuite, test: Examples,
+                           individual: Mapping[int, Mapping[str, torch.Tensor]], batch_size: int,
+                           max_length: int) -> dict[int, torch.Tensor]:
+    """Each task's own model's predictions on that task's test inputs (fixed across merges, so a
+    benchmark that scores many merges of the same task vectors computes them once)."""
+    tasks = torch.tensor(test.tasks)
+    out = {}
+    for t, params in sorted(individual.items()):
+        rows = torch.nonzero(tasks == t).flatten().tolist()
+        if rows:
+            set_tensors(bundle.model, params)
+            out[t], _ = predict(bundle, bundle.model, suite, test.subset(rows), batch_size, max_length)
+    return out
+
+
+def fusion_scores(merged_preds: torch.Tensor, own_preds: Mapping[int, torch.Tensor], test: Examples,
+                  suite: TaskSuite) -> dict[str, float]:
+    """Normalised accuracy and WD error of the merged model's predictions against each task's own."""
     tasks = torch.tensor(test.tasks)
     labels = torch.tensor(test.labels)
     out: dict[str, float] = {}
     norm_accs, wds = [], []
-    for t, params in sorted(individual.items()):
-        rows = torch.nonzero(tasks == t).flatten().tolist()
-        if not rows:
-            continue
+    for t, own in sorted(own_preds.items()):
+        rows = torch.nonzero(tasks == t).flatten()
         name = suite.tasks[t].name
-        set_tensors(bundle.model, params)
-        own_preds, _ = predict(bundle, bundle.model, suite, test.subset(rows), batch_size, max_length)
-        own_acc = float((own_preds == labels[rows]).float().mean())
+        own_acc = float((own == labels[rows]).float().mean())
         merged_acc = float((merged_preds[rows] == labels[rows]).float().mean())
         out[f"individual_accuracy/{name}"] = own_acc
         out[f"normalized_accuracy/{name}"] = merged_acc / own_acc if own_acc > 0 else float("nan")
-        out[f"wd_error/{name}"] = disagreement(merged_preds[rows], own_preds)
+        out[f"wd_error/{name}"] = disagreement(merged_preds[rows], own)
         norm_accs.append(out[f"normalized_accuracy/{name}"])
         wds.append(out[f"wd_error/{name}"])
     if norm_accs:
         out["normalized_accuracy"] = sum(norm_accs) / len(norm_accs)
         out["wd_error"] = sum(wds) / len(wds)
-    set_tensors(bundle.model, merged)
     return out
+
+
+def fusion_metrics(bundle: ModelBundle, suite: TaskSuite, test: Examples, merged: Mapping[str, torch.Tensor],
+                   individual: Mapping[int, Mapping[str, torch.Tensor]], batch_size: int,
+                   max_length: int) -> dict[str, float]:
+    """Normalised accuracy and WD error of ``merged`` against each task's individual parameters."""
+    own = individual_predictions(bundle, suite, test, individual, batch_size, max_length)
+    set_tensors(bundle.model, merged)
+    merged_preds, _ = predict(bundle, bundle.model, suite, test, batch_size, max_length)
+    return fusion_scores(merged_preds, own, test, suite)

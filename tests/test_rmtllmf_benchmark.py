@@ -1,0 +1,35 @@
+"""The R-MTLLMF benchmark script end to end on tiny-bert (its real run uses MiniLM; see README)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rmtllmf_benchmark.py"
+
+
+@pytest.mark.slow
+def test_benchmark_produces_the_four_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("rmtllmf_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--model", "tiny-bert", "--tasks", "topic", "question", "--steps", "5",
+                "--max-test", "40", "--powers", "0", "60", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    ideal = results["ideal"]
+    for row in ("zero-shot", "individual", "task arithmetic", "TIES", "DARE", "R-MTLLMF",
+                "task arithmetic, LoRA B@A", "task arithmetic, LoRA factors summed"):
+        assert 0.0 <= ideal[row]["accuracy"] <= 1.0, row
+    jammed = results["jammed"]
+    assert len(jammed) == 2 * 2 * 3  # jammers x powers x methods
+    mse = {(r["jammer"], r["power_db"]): r["relative_mse"] for r in jammed if r["method"] == "task arithmetic"}
+    assert mse[("worst_case", 60.0)] > 100 * mse[("worst_case", 0.0)]  # ZF: the error grows with the jammer
+    assert set(results["target"]) == {"worst_case", "strongest_user"}
+    wd = results["wd_vs_mse"]
+    assert wd["points"] and -1.0 <= wd["spearman_rho"] <= 1.0 and 0.0 <= wd["slope_p_value"] <= 1.0
+    assert {r["group"] for r in results["sensitivity"]["rows"]} == {"embeddings", "attention", "feed_forward",
+                                                                     "layernorm"}
+    table = (tmp_path / "table.md").read_text()
+    assert "Spearman" in table and "Sensitivity" in table and "LoRA B@A" in table
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("jammed.png", "wd_vs_mse.png", "sensitivity.png"))
