@@ -20,6 +20,7 @@ evaluation), the slowest client's training per round, and the server's evaluatio
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -42,9 +43,9 @@ def overrides(rounds: int, steps: int) -> list[str]:
     return [f"rounds={rounds}", f"client.max_steps={steps}", "eval.every=1000"]
 
 
-def plain_loop(cfg, clients: int) -> tuple[float, float, int]:
+def plain_loop(cfg, clients: int) -> tuple[float, float, int, list[float]]:
     """FedAvg with the federated run's trainer and seeds, in one process: (seconds, accuracy,
-    training steps taken, which a small partition caps below client.max_steps)."""
+    training steps taken, which a small partition caps below client.max_steps, seconds per round)."""
     start = time.perf_counter()
     suite = load_suite(cfg.data, cfg.seed)
     bundle = build_bundle(cfg, suite.label_names)
@@ -52,7 +53,9 @@ def plain_loop(cfg, clients: int) -> tuple[float, float, int]:
     global_params = dict(bundle.initial_global)
     parts = [client_examples(cfg.data, c, clients, cfg.seed) for c in range(clients)]
     steps = 0
+    round_times = []
     for rnd in range(1, cfg.rounds + 1):
+        round_start = time.perf_counter()
         total = {n: torch.zeros_like(t) for n, t in global_params.items()}
         count = 0
         for c, examples in enumerate(parts):
@@ -66,10 +69,11 @@ def plain_loop(cfg, clients: int) -> tuple[float, float, int]:
                 total[n] += len(examples) * (trained[n] - global_params[n])
             count += len(examples)
         global_params = {n: global_params[n] + total[n] / count for n in names}
+        round_times.append(time.perf_counter() - round_start)
     set_tensors(bundle.model, global_params)
     acc = evaluate_tasks(bundle, bundle.model, suite, suite.split("test"), cfg.eval.batch_size,
                          cfg.model.max_length)["accuracy"]
-    return time.perf_counter() - start, acc, steps
+    return time.perf_counter() - start, acc, steps, round_times
 
 
 def centralised(cfg, total_steps: int) -> tuple[float, float]:
@@ -107,15 +111,29 @@ def measure(clients: int, rounds: int, steps: int, repeats: int) -> dict:
     workers = min(clients, os.cpu_count() or 1)
     breakdown["client_training_per_worker_s"] = breakdown["all_client_training_s"] / workers
     breakdown["rest_of_rounds_s"] = rounds_s - breakdown["client_training_per_worker_s"] - breakdown["server_evaluation_s"]
-    fed_acc, loop_acc, central_acc = (best["summary"]["final_accuracy"], statistics.median(a for _, a, _ in loop),
+    # Once running: a round after the first (Ray workers import torch/transformers and build the model
+    # on their first message) vs a plain-loop round; what is left is a fixed cost per run.
+    breakdown["round_1_s"] = recs[0]["round_time"]
+    steady = statistics.median(r["round_time"] - r.get("eval_time", 0.0) for r in recs[1:]) if len(recs) > 1 else float("nan")
+    plain_round = statistics.median(t for _, _, _, rounds in loop for t in rounds)
+    fed_fixed = statistics.median(walls) - rounds * steady
+    plain_fixed = statistics.median(t for t, _, _, _ in loop) - rounds * plain_round
+    per_round = {"federated_round_s": steady, "plain_round_s": plain_round, "ratio": steady / plain_round,
+                 "federated_fixed_s": fed_fixed, "plain_fixed_s": plain_fixed}
+    # rounds from which the whole run is within 15% / 30% of the plain loop (None: never)
+    for goal in (1.15, 1.30):
+        room = goal * plain_round - steady
+        per_round[f"rounds_to_{round(100 * (goal - 1))}pct"] = (max(1, math.ceil((fed_fixed - goal * plain_fixed) / room))
+                                                              if room > 0 else None)
+    fed_acc, loop_acc, central_acc = (best["summary"]["final_accuracy"], statistics.median(a for _, a, _, _ in loop),
                                       statistics.median(a for _, a in central))
     return {
         "clients": clients, "rounds": rounds, "steps": steps, "repeats": repeats,
-        "federated_wall_s": stats(walls), "plain_loop_s": stats([t for t, _, _ in loop]),
+        "federated_wall_s": stats(walls), "plain_loop_s": stats([t for t, _, _, _ in loop]),
         "centralised_s": stats([t for t, _ in central]),
-        "overhead_ratio": statistics.median(walls) / statistics.median(t for t, _, _ in loop),
-        "overhead_rounds_only_ratio": rounds_s / statistics.median(t for t, _, _ in loop),
-        "breakdown": breakdown,
+        "overhead_ratio": statistics.median(walls) / statistics.median(t for t, _, _, _ in loop),
+        "overhead_rounds_only_ratio": rounds_s / statistics.median(t for t, _, _, _ in loop),
+        "breakdown": breakdown, "per_round": per_round,
         "federated_accuracy": fed_acc, "plain_loop_accuracy": loop_acc, "centralised_accuracy": central_acc,
         "quality_ratio": fed_acc / central_acc, "total_steps": loop[0][2],
     }
@@ -142,7 +160,19 @@ def markdown_one(r: dict) -> str:
         f"Federated time: {b['process_start_to_round_1_s']:.1f} s start (imports, Ray, model, round-0 eval), "
         f"{b['rounds_s']:.1f} s rounds = {b['client_training_per_worker_s']:.1f} s client training per worker "
         f"({b['all_client_training_s']:.1f} s in all) + {b['server_evaluation_s']:.1f} s server evaluation + "
-        f"{b['rest_of_rounds_s']:.1f} s the rest (messages, serialisation, fusion, worker scheduling).", ""])
+        f"{b['rest_of_rounds_s']:.1f} s the rest (messages, serialisation, fusion, worker scheduling; round 1 "
+        f"alone {b.get('round_1_s', float('nan')):.1f} s, as each Ray worker imports torch and transformers and builds "
+        f"the model on its first message).", ""] + per_round_line(r.get("per_round")))
+
+
+def per_round_line(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    reach = ", ".join(f"{goal}% from {p[f'rounds_to_{goal}pct']} rounds" if p[f"rounds_to_{goal}pct"] else f"{goal}% never"
+                      for goal in (15, 30))
+    return [f"Per round once running: federated {p['federated_round_s']:.2f} s vs plain loop {p['plain_round_s']:.2f} s "
+            f"(ratio {p['ratio']:.2f}); fixed cost per run {p['federated_fixed_s']:.1f} s vs {p['plain_fixed_s']:.1f} s. "
+            f"Whole-run overhead within {reach}.", ""]
 
 
 def main() -> None:
