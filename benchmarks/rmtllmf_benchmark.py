@@ -40,9 +40,9 @@ from fedllm.aggregation import apply_update  # noqa: E402
 from fedllm.config import config_from_dict  # noqa: E402
 from fedllm.data import load_suite  # noqa: E402
 from fedllm.lora_products import LoraProducts  # noqa: E402
-from fedllm.metrics import evaluate_tasks, fusion_scores, individual_predictions, per_task_accuracy, predict  # noqa: E402
+from fedllm.metrics import evaluate_tasks, fusion_scores, individual_predictions, predict, task_scores  # noqa: E402
 from fedllm.models import build_bundle  # noqa: E402
-from fedllm.realign import few_shot_set, realign  # noqa: E402
+from fedllm.realign import few_shot_set, realign, realigned_state  # noqa: E402
 from fedllm.vectors import Layout, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
 from strategies import build_rule  # noqa: E402
 
@@ -147,18 +147,14 @@ class Fusion:
             shots = few_shot_set(self.validation, len(self.suite.tasks), 5, seed=0)
             realign(self.bundle, shots, self.suite, steps=realign_steps, lr=1e-4,
                     scope="transmitted" if self.lora else "norms_biases", max_length=self.cfg.model.max_length, seed=0)
-            best = {**best, **(self.lora.fold(self.bundle.model) if self.lora else
-                               get_tensors(self.bundle.model, self.bundle.groups.global_names))}
+            best = {**best, **realigned_state(self.bundle, self.lora)}
         return best
 
     def score(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         set_tensors(self.bundle.model, params)
-        preds, _ = predict(self.bundle, self.bundle.model, self.suite, self.test, 64, self.cfg.model.max_length)
-        per_task = per_task_accuracy(preds, self.test, self.suite)
-        out = fusion_scores(preds, self.own, self.test, self.suite)
-        out.update({f"accuracy/{k}": v for k, v in per_task.items()})
-        out["accuracy"] = sum(per_task.values()) / len(per_task)
-        return out
+        preds, loss_sum = predict(self.bundle, self.bundle.model, self.suite, self.test, 64, self.cfg.model.max_length)
+        return {**fusion_scores(preds, self.own, self.test, self.suite),
+                **task_scores(preds, loss_sum, self.test, self.suite)}
 
     def individual_accuracy(self) -> float:
         accs = [float((p == torch.tensor(self.test.labels)[torch.tensor(self.test.tasks) == t]).float().mean())

@@ -50,6 +50,12 @@ def evaluate_tasks(bundle: ModelBundle, model: torch.nn.Module, suite: TaskSuite
                    batch_size: int, max_length: int) -> dict[str, float]:
     """Accuracy per task (``accuracy/<task>``), their mean (``accuracy``) and the mean loss."""
     preds, loss_sum = predict(bundle, model, suite, examples, batch_size, max_length)
+    return task_scores(preds, loss_sum, examples, suite)
+
+
+def task_scores(preds: torch.Tensor, loss_sum: float, examples: Examples, suite: TaskSuite) -> dict[str, float]:
+    """:func:`evaluate_tasks` from predictions already made (a caller that also needs them for
+    fusion metrics predicts once)."""
     per_task = per_task_accuracy(preds, examples, suite)
     out = {f"accuracy/{name}": acc for name, acc in per_task.items()}
     out["accuracy"] = sum(per_task.values()) / len(per_task) if per_task else float("nan")

@@ -9,13 +9,17 @@ weights and biases of that group: a few thousand values, the cheapest and least 
 from __future__ import annotations
 
 import random
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from fedllm.data import Examples, TaskSuite
 from fedllm.models import ModelBundle, forward_logits
+from fedllm.vectors import get_tensors
+
+if TYPE_CHECKING:
+    from fedllm.lora_products import LoraProducts
 
 
 def few_shot_set(pool: Examples, num_tasks: int, shots: int, seed: int) -> Examples:
@@ -35,6 +39,14 @@ def realign_parameters(bundle: ModelBundle, scope: Literal["transmitted", "norms
     if scope == "norms_biases":
         names = [n for n in names if "LayerNorm" in n or n.endswith(".bias")]
     return [params[n] for n in names]
+
+
+def realigned_state(bundle: ModelBundle, lora: "LoraProducts | None") -> dict[str, torch.Tensor]:
+    """What realignment changed, as the server's state: the trained transmitted tensors, or, with
+    LoRA merged as weight deltas, the LoRA folded into the base weights (factors reset)."""
+    if lora is not None:
+        return lora.fold(bundle.model)
+    return get_tensors(bundle.model, bundle.groups.global_names)
 
 
 def few_shot_loss(bundle: ModelBundle, examples: Examples, suite: TaskSuite, max_length: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from fedllm.data import DataError, check_partitions, load_suite
 from fedllm.metrics import evaluate_tasks, fusion_metrics
 from fedllm.privacy import gaussian_epsilon
 from fedllm.lora_products import LoraProducts
-from fedllm.realign import few_shot_set, realign, realign_parameters
+from fedllm.realign import few_shot_set, realign, realign_parameters, realigned_state
 from fedllm.models import build_bundle
 from fedllm.pfit import client_prompts, evaluate_policy, preferences_of
 from fedllm.policy import build_policy
@@ -277,10 +277,7 @@ class FederatedRun:
             record["realign_loss_before"], record["realign_loss_after"] = realign(
                 self.bundle, shots, self.suite, steps=prm.realign_steps, lr=prm.realign_lr,
                 scope=prm.realign_scope, max_length=cfg.model.max_length, seed=cfg.seed + rnd)
-            if self.lora is not None:  # the realigned LoRA goes into the base weights; factors back to initial
-                self.global_params = {**self.global_params, **self.lora.fold(self.bundle.model)}
-            else:
-                self.global_params = get_tensors(self.bundle.model, self.bundle.groups.global_names)
+            self.global_params = {**self.global_params, **realigned_state(self.bundle, self.lora)}
         if cfg.eval.fusion_metrics:
             individual = {int(u.metrics["task"]): apply_update(before, self.in_fusion_space(u.delta),
                                                                self.fusion_layout, 1.0)
