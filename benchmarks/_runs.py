@@ -18,7 +18,7 @@ def fedllm_run(experiment: str, overrides: list[str], clients: int, out_root: Pa
     """One experiment in its own process (Ray started and stopped inside); returns wall time,
     the run's summary and its per-round records."""
     out_root = out_root or Path(tempfile.mkdtemp(prefix="fedllm-bench-"))
-    cmd = [sys.executable, "-m", "fedllm.cli", "run", str(REPO / experiment), "--clients", str(clients),
+    cmd = [sys.executable, "-m", "fedllm.apps.cli", "run", str(REPO / experiment), "--clients", str(clients),
            *[a for o in [*overrides, f"output.dir={out_root}"] for a in ("--set", o)]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     start = time.perf_counter()

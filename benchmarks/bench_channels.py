@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from channels import ClientMeta, build_channel
+from fedllm.channels import ClientMeta, build_channel
 
 CASES = [
     ("ideal", {}),

@@ -22,12 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from flwr.app import Context, RecordDict  # noqa: E402
 
-from fedllm.client_app import train_round  # noqa: E402
+from fedllm.apps.client_app import train_round  # noqa: E402
+from fedllm.apps.payload import round_content  # noqa: E402
 from fedllm.config import load_config  # noqa: E402
-from fedllm.data import load_suite  # noqa: E402
-from fedllm.models import build_bundle, cached_bundle  # noqa: E402
-from fedllm.payload import round_content  # noqa: E402
-from fedllm.vectors import flatten  # noqa: E402
+from fedllm.core.vectors import flatten  # noqa: E402
+from fedllm.workloads.classification.data import load_suite  # noqa: E402
+from fedllm.workloads.classification.models import build_bundle, cached_bundle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _runs import save_and_print
-from strategies import build_rule
+from fedllm.strategies import build_rule
 
 RULES = ["fedavg", "task_arithmetic", "ties", "dare", "median", "trimmed_mean", "norm_clip"]
 

@@ -28,15 +28,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _runs import REPO, fedllm_run, save_and_print, stats  # noqa: E402
-
-from clients import TRAINERS, TrainContext, client_seed  # noqa: E402
-from fedllm.config import load_config  # noqa: E402
-from fedllm.data import client_examples, load_suite  # noqa: E402
-from fedllm.metrics import evaluate_tasks  # noqa: E402
-from fedllm.models import build_bundle  # noqa: E402
-from fedllm.vectors import get_tensors, set_tensors  # noqa: E402
 import torch  # noqa: E402
+from _runs import REPO, fedllm_run, save_and_print, stats  # noqa: E402
+from fedllm.clients import TRAINERS, TrainContext, client_seed  # noqa: E402
+
+from fedllm.config import load_config  # noqa: E402
+from fedllm.core.vectors import get_tensors, set_tensors  # noqa: E402
+from fedllm.workloads.classification.data import client_examples, load_suite  # noqa: E402
+from fedllm.workloads.classification.metrics import evaluate_tasks  # noqa: E402
+from fedllm.workloads.classification.models import build_bundle  # noqa: E402
 
 
 def overrides(rounds: int, steps: int) -> list[str]:

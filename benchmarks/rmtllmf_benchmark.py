@@ -33,18 +33,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from fedllm.channels import ChannelReport, ClientMeta, build_channel  # noqa: E402
+from fedllm.clients import TRAINERS, TrainContext  # noqa: E402
 
-from channels import ClientMeta, build_channel  # noqa: E402
-from clients import TRAINERS, TrainContext  # noqa: E402
-from fedllm.aggregation import apply_update  # noqa: E402
 from fedllm.config import config_from_dict  # noqa: E402
-from fedllm.data import load_suite  # noqa: E402
-from fedllm.lora_products import LoraProducts  # noqa: E402
-from fedllm.metrics import evaluate_tasks, fusion_scores, individual_predictions, predict, task_scores  # noqa: E402
-from fedllm.models import build_bundle  # noqa: E402
-from fedllm.realign import few_shot_set, realign, realigned_state  # noqa: E402
-from fedllm.vectors import Layout, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
-from strategies import build_rule  # noqa: E402
+from fedllm.core.vectors import Layout, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
+from fedllm.fusion.pipeline import FusionPipeline, apply_update  # noqa: E402
+from fedllm.workloads.classification import Classification  # noqa: E402
+from fedllm.workloads.classification.metrics import fusion_scores, individual_predictions, predict, task_scores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -99,56 +95,45 @@ def task_vectors(cfg, bundle, suite, cache: Path) -> dict[int, dict[str, torch.T
 
 
 class Fusion:
-    """One family of task vectors: channel, merge and score, with each task's own model's
-    predictions computed once. LoRA vectors travel as factors and are fused as B @ A."""
+    """One family of task vectors, merged and scored by the server's own fusion pipeline
+    (fedllm/fusion/pipeline.py: rule, lambda search on validation data, R-MTLLMF's realignment),
+    with each task's own model's predictions computed once. LoRA vectors travel as factors and
+    are fused as B @ A."""
 
-    def __init__(self, cfg, bundle, suite, taus: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.cfg, self.bundle, self.suite = cfg, bundle, suite
-        self.sent_layout = Layout.of(bundle.initial_global)
+    def __init__(self, cfg, workload: Classification, bundle, taus: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.cfg, self.workload, self.bundle, self.suite = cfg, workload, bundle, workload.suite
+        pipeline = FusionPipeline(cfg, workload, bundle)
+        self.sent_layout, self.layout = pipeline.layout, pipeline.fusion_layout
+        self.to_fusion_space = pipeline.to_fusion_space
         self.batch = torch.stack([flatten(taus[t], self.sent_layout) for t in sorted(taus)])
-        self.lora = (LoraProducts.of(bundle.model, bundle.groups.global_names, bundle.initial_global)
-                     if cfg.peft.fuse_lora_as == "weight_delta" else None)
-        self.layout = self.lora.weight_layout if self.lora else self.sent_layout
-        self.theta0 = {**bundle.initial_global, **get_tensors(bundle.model, self.layout.names)}
-        self.test = suite.split("test")
-        self.validation = suite.split("validation")
+        self.theta0 = pipeline.initial_global()
+        self.test = workload.test
         in_fusion_space = self.to_fusion_space(self.batch)
         individual = {t: apply_update(self.theta0, in_fusion_space[i], self.layout, 1.0) for i, t in enumerate(sorted(taus))}
-        self.own = individual_predictions(bundle, suite, self.test, individual, 64, cfg.model.max_length)
+        self.own = individual_predictions(bundle, self.suite, self.test, individual, 64, cfg.model.max_length)
 
-    def to_fusion_space(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.lora(rows) if self.lora is not None else rows
-
-    def received(self, channel: dict | None, seed: int = 0) -> tuple[torch.Tensor, float]:
-        """What the server gets (sent space) and the mean per-client MSE relative to the payload's power."""
-        if not channel:
-            return self.batch, 0.0
+    def received(self, channel: dict | None, seed: int = 0) -> tuple[torch.Tensor, ChannelReport, float]:
+        """What the server gets (sent space), the channel's report, and the mean per-client MSE
+        relative to the payload's power."""
+        channel = channel or {"kind": "ideal"}
         meta = ClientMeta([f"t{t}" for t in range(len(self.batch))], torch.ones(len(self.batch)))
         out, report = build_channel(channel["kind"], {k: v for k, v in channel.items() if k != "kind"}, seed).transmit(
             self.batch, meta)
-        return out, float((report.mse / self.batch.pow(2).mean(dim=1)).mean())
+        return out, report, float((report.mse / self.batch.pow(2).mean(dim=1)).mean())
 
-    def merge(self, received: torch.Tensor, rule: str, realign_steps: int = 0, as_factors: bool = False,
+    def merge(self, received: tuple[torch.Tensor, ChannelReport, float], rule: str, as_factors: bool = False,
               **params) -> dict[str, torch.Tensor]:
-        """theta0 + lambda * fuse(received), lambda on validation data as in task arithmetic; then
-        R-MTLLMF's realignment if asked. ``as_factors``: fuse LoRA factors as tensors (FedIT's way)."""
-        rows, layout = (received, self.sent_layout) if as_factors else (self.to_fusion_space(received), self.layout)
-        fused = build_rule(rule, params, seed=0)(rows, torch.ones(rows.shape[0]))
-        best, best_acc = self.theta0, -1.0
-        for lam in LAMBDAS:
-            cand = apply_update(self.theta0, fused, layout, lam)
-            set_tensors(self.bundle.model, cand)
-            acc = evaluate_tasks(self.bundle, self.bundle.model, self.suite, self.validation, 64,
-                                 self.cfg.model.max_length)["accuracy"]
-            if acc > best_acc:
-                best, best_acc = cand, acc
-        if realign_steps:
-            set_tensors(self.bundle.model, best)
-            shots = few_shot_set(self.validation, len(self.suite.tasks), 5, seed=0)
-            realign(self.bundle, shots, self.suite, steps=realign_steps, lr=1e-4,
-                    scope="transmitted" if self.lora else "norms_biases", max_length=self.cfg.model.max_length, seed=0)
-            best = {**best, **realigned_state(self.bundle, self.lora)}
-        return best
+        """theta0 + lambda * fuse(received), lambda searched on validation data, then the rule's
+        post-merge hook (R-MTLLMF realigns). ``as_factors``: fuse LoRA factors as tensors (FedIT's way)."""
+        rows, report, _ = received
+        overrides = [f"strategy={json.dumps({'name': rule, 'server_lr': 'auto', 'lr_grid': LAMBDAS, **params})}"]
+        if as_factors:
+            overrides.append("peft.fuse_lora_as=factors")
+        pipeline = FusionPipeline(config_from_dict(self.cfg.model_dump(mode="json"), overrides), self.workload,
+                                  self.bundle)
+        fused, _ = pipeline.fuse(rows, torch.ones(rows.shape[0]), report)
+        merged, _ = pipeline.merge(self.theta0, fused, seed=0)
+        return merged
 
     def score(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         set_tensors(self.bundle.model, params)
@@ -209,25 +194,29 @@ def main(argv: list[str] | None = None) -> None:
     families = {}
     for name in FAMILIES:
         cfg = experiment(tasks, name, steps, max_test, args.model)
-        suite = load_suite(cfg.data, cfg.seed)
-        bundle = build_bundle(cfg, suite.label_names)
-        families[name] = Fusion(cfg, bundle, suite, task_vectors(cfg, bundle, suite, cache))
+        workload = Classification(cfg)
+        bundle = workload.build_model()
+        families[name] = Fusion(cfg, workload, bundle, task_vectors(cfg, bundle, workload.suite, cache))
     full, frozen, lora = families["full"], families["frozen"], families["lora"]
     mimo_base = {"kind": "mimo_mac", "nt": max(1, 16 // len(tasks)), "receiver": args.receiver}
-    methods = {"task arithmetic": (full, 0), "R-MTLLMF": (frozen, 20), "task arithmetic, LoRA B@A": (lora, 0)}
+    # R-MTLLMF: 5-shot realignment, 20 steps (LayerNorms and biases; with LoRA, the factors, folded in)
+    rmtllmf = {"shots": 5, "realign_steps": 20, "realign_lr": 1e-4, "realign_scope": "norms_biases"}
+    methods = {"task arithmetic": (full, "task_arithmetic", {}), "R-MTLLMF": (frozen, "rmtllmf", rmtllmf),
+               "task arithmetic, LoRA B@A": (lora, "task_arithmetic", {})}
 
     # 1. ideal channel
+    ideal = {name: fam.received(None) for name, fam in families.items()}
     table = {"zero-shot": full.score(full.theta0),
              "individual": {"accuracy": full.individual_accuracy(), "normalized_accuracy": 1.0},
-             "task arithmetic": full.score(full.merge(full.batch, "task_arithmetic")),
-             "TIES": full.score(full.merge(full.batch, "ties", k=0.2)),
-             "DARE": full.score(full.merge(full.batch, "dare", p=0.9)),
-             "R-MTLLMF": frozen.score(frozen.merge(frozen.batch, "task_arithmetic", realign_steps=20)),
+             "task arithmetic": full.score(full.merge(ideal["full"], "task_arithmetic")),
+             "TIES": full.score(full.merge(ideal["full"], "ties", k=0.2)),
+             "DARE": full.score(full.merge(ideal["full"], "dare", p=0.9)),
+             "R-MTLLMF": frozen.score(frozen.merge(ideal["frozen"], "rmtllmf", **rmtllmf)),
              "individual, LoRA": {"accuracy": lora.individual_accuracy(), "normalized_accuracy": 1.0},
-             "task arithmetic, LoRA B@A": lora.score(lora.merge(lora.batch, "task_arithmetic")),
-             "task arithmetic, LoRA factors summed": lora.score(lora.merge(lora.batch, "task_arithmetic",
+             "task arithmetic, LoRA B@A": lora.score(lora.merge(ideal["lora"], "task_arithmetic")),
+             "task arithmetic, LoRA factors summed": lora.score(lora.merge(ideal["lora"], "task_arithmetic",
                                                                            as_factors=True)),
-             "TIES, LoRA B@A": lora.score(lora.merge(lora.batch, "ties", k=0.2))}
+             "TIES, LoRA B@A": lora.score(lora.merge(ideal["lora"], "ties", k=0.2))}
     results["ideal"] = table
     print("ideal channel:", {k: round(v.get("normalized_accuracy", float("nan")), 4) for k, v in table.items()}, flush=True)
 
@@ -236,9 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     for jammer in ("worst_case", "strongest_user"):
         for power in powers:
             channel = {**mimo_base, "jammer": jammer, "jammer_power_db": power}
-            for name, (fam, realign_steps) in methods.items():
-                received, rel_mse = fam.received(channel)
-                scores = fam.score(fam.merge(received, "task_arithmetic", realign_steps=realign_steps))
+            for name, (fam, rule, params) in methods.items():
+                received = fam.received(channel)
+                rel_mse = received[2]
+                scores = fam.score(fam.merge(received, rule, **params))
                 jammed.append({"jammer": jammer, "power_db": power, "method": name, "relative_mse": rel_mse,
                                "normalized_accuracy": scores["normalized_accuracy"], "wd_error": scores["wd_error"],
                                "accuracy": scores["accuracy"]})
@@ -250,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     # 3. WD error vs MSE (fixed lambda, so the search does not hide the noise)
     wd = []
     for snr in ([-40.0, -20.0, 0.0, 20.0] if args.quick else [-50.0, -40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0]):
-        received, rel_mse = full.received({"kind": "awgn", "snr_db": snr, "power_normalisation": "payload"})
+        received, _, rel_mse = full.received({"kind": "awgn", "snr_db": snr, "power_normalisation": "payload"})
         scores = full.score(apply_update(full.theta0, received.sum(0), full.layout, 0.3))
         wd.append({"snr_db": snr, "relative_mse": rel_mse, "wd_error": scores["wd_error"],
                    "normalized_accuracy": scores["normalized_accuracy"]})

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from channels.base import CHANNELS, Channel, ChannelReport, ClientMeta, check_batch, from_symbols, measured_report, to_symbols
-from channels.link import LinkParams, transmit_link
+from .base import CHANNELS, Channel, ChannelReport, ClientMeta, check_batch, from_symbols, measured_report, to_symbols
+from .link import LinkParams, transmit_link
 
 
 @CHANNELS.register("awgn")

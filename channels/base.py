@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fedllm.registry import Registry, validate_params
+from fedllm.core.registry import Registry, validate_params
 
 
 class ChannelParams(BaseModel):
@@ -67,6 +67,11 @@ class Channel(ABC):
         self.params = params
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def delivers_sum(cls, params: Mapping[str, Any]) -> bool:
+        """True when the server receives only the clients' superposed sum (over-the-air), not each payload."""
+        return False
 
     @abstractmethod
     def transmit(

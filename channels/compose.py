@@ -7,12 +7,23 @@ stage's count), drops accumulate. Over-the-air (``ota``) may only be the last st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from pydantic import Field, field_validator
 
-from channels.base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, build_channel, check_batch, measured_report
+from .base import (
+    CHANNELS,
+    Channel,
+    ChannelParams,
+    ChannelReport,
+    ClientMeta,
+    build_channel,
+    check_batch,
+    measured_report,
+    validate_channel_params,
+)
 
 
 class ComposeParams(ChannelParams):
@@ -21,8 +32,6 @@ class ComposeParams(ChannelParams):
     @field_validator("chain")
     @classmethod
     def _valid_stages(cls, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from channels.base import validate_channel_params
-
         for i, stage in enumerate(chain):
             if "kind" not in stage:
                 raise ValueError(f"chain[{i}] needs a 'kind'")
@@ -35,6 +44,11 @@ class ComposeParams(ChannelParams):
 @CHANNELS.register("compose")
 class ComposedChannel(Channel):
     Params = ComposeParams
+
+    @classmethod
+    def delivers_sum(cls, params: Mapping[str, Any]) -> bool:
+        last = params.get("chain", [{}])[-1]
+        return CHANNELS.get(last.get("kind", "ideal")).delivers_sum(last)
 
     def __init__(self, params: ComposeParams, seed: int = 0) -> None:
         super().__init__(params, seed)

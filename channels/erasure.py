@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, PositiveInt
 
-from channels.base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, check_batch, measured_report
+from .base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, check_batch, measured_report
 
 
 class ErasureParams(ChannelParams):

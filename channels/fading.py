@@ -12,9 +12,19 @@ import math
 import torch
 from pydantic import NonNegativeFloat
 
-from channels.base import (CHANNELS, Channel, ChannelReport, ClientMeta, check_batch, complex_noise, from_symbols,
-                           measured_report, packets, to_symbols)
-from channels.link import FadingParams, transmit_link
+from .base import (
+    CHANNELS,
+    Channel,
+    ChannelReport,
+    ClientMeta,
+    check_batch,
+    complex_noise,
+    from_symbols,
+    measured_report,
+    packets,
+    to_symbols,
+)
+from .link import FadingParams, transmit_link
 
 
 class RicianParams(FadingParams):

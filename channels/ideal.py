@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from channels.base import CHANNELS, Channel, ChannelReport, ClientMeta, check_batch
+from .base import CHANNELS, Channel, ChannelReport, ClientMeta, check_batch
 
 
 @CHANNELS.register("ideal")

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator
 
-from channels.base import ChannelParams, ClientMeta, complex_noise, db_to_linear, packets
+from .base import ChannelParams, ClientMeta, complex_noise, db_to_linear, packets
 
 
 class LinkParams(ChannelParams):

@@ -26,8 +26,18 @@ from typing import Literal
 import torch
 from pydantic import Field, PositiveInt
 
-from channels.base import (CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, check_batch, db_to_linear,
-                           from_symbols, measured_report, to_symbols)
+from .base import (
+    CHANNELS,
+    Channel,
+    ChannelParams,
+    ChannelReport,
+    ClientMeta,
+    check_batch,
+    db_to_linear,
+    from_symbols,
+    measured_report,
+    to_symbols,
+)
 
 CDTYPE = torch.complex128
 

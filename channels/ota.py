@@ -12,12 +12,25 @@ Only FedAvg can use it: there are no per-client updates to fuse.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
-from channels.base import (CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, check_batch, complex_noise,
-                           db_to_linear, from_symbols, packets, to_symbols)
+from .base import (
+    CHANNELS,
+    Channel,
+    ChannelParams,
+    ChannelReport,
+    ClientMeta,
+    check_batch,
+    complex_noise,
+    db_to_linear,
+    from_symbols,
+    packets,
+    to_symbols,
+)
 
 
 class OtaParams(ChannelParams):
@@ -30,6 +43,10 @@ class OtaParams(ChannelParams):
 @CHANNELS.register("ota")
 class OverTheAirChannel(Channel):
     Params = OtaParams
+
+    @classmethod
+    def delivers_sum(cls, params: Mapping[str, Any]) -> bool:
+        return True
 
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
         check_batch(batch)

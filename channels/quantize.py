@@ -15,7 +15,7 @@ import math
 import torch
 from pydantic import Field
 
-from channels.base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, check_batch, measured_report
+from .base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, check_batch, measured_report
 
 
 class QuantizeParams(ChannelParams):

@@ -4,8 +4,8 @@ A trainer is ``train(bundle, examples, ctx) -> TrainResult``: it updates the tra
 tensors of ``bundle.model`` in place on the client's own examples.
 """
 
-from clients.base import TRAINERS, TrainContext, TrainResult, Trainer, client_seed, proximal_term
-from clients import supervised as _supervised  # noqa: F401  (registers "supervised")
-from clients import rl as _rl  # noqa: F401  (registers "rl")
+from . import rl as _rl  # noqa: F401  (registers "rl")
+from . import supervised as _supervised  # noqa: F401  (registers "supervised")
+from .base import TRAINERS, TrainContext, Trainer, TrainResult, client_seed, proximal_term
 
 __all__ = ["TRAINERS", "TrainContext", "TrainResult", "Trainer", "client_seed", "proximal_term"]

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedllm.core.registry import Registry
 
 if TYPE_CHECKING:
     import torch
 
-from fedllm.registry import Registry
+    from fedllm.core.bundle import ModelBundle
 
-if TYPE_CHECKING:
-    from fedllm.config import ClientSection, RLSection
-    from fedllm.data import Examples
-    from fedllm.models import ModelBundle
+
+class LocalTraining(Protocol):
+    """What every trainer reads of the experiment's ``client:`` section."""
+
+    lr: float
+    weight_decay: float
+    local_epochs: int
+    batch_size: int
+    max_steps: int | None
+    prox_mu: float
+
+
+class RLSettings(Protocol):
+    """What the RL trainer reads of the experiment's ``rl:`` section."""
+
+    rewards: Mapping[str, Mapping[str, Any]]
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    beta: float
 
 
 @dataclass
 class TrainContext:
-    section: "ClientSection"
+    section: LocalTraining
     label_ranges: list[tuple[int, int]]
     max_length: int
     seed: int
@@ -27,7 +46,7 @@ class TrainContext:
     anchor: "dict[str, torch.Tensor] | None" = None
     # RL instruction tuning: this client's weights over the named rewards of cfg.rl.
     preference: "dict[str, float] | None" = None
-    rl: "RLSection | None" = None
+    rl: RLSettings | None = None
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -56,7 +75,7 @@ class TrainResult:
 
 
 class Trainer(Protocol):
-    def __call__(self, bundle: "ModelBundle", examples: "Examples", ctx: TrainContext) -> TrainResult: ...
+    def __call__(self, bundle: "ModelBundle", examples: Any, ctx: TrainContext) -> TrainResult: ...
 
 
 TRAINERS: Registry[Trainer] = Registry("client trainer")

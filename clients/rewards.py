@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from fedllm.registry import Registry, validate_params
+from fedllm.core.encoders import sentence_embeddings
+from fedllm.core.registry import Registry, validate_params
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]]
 
@@ -127,26 +127,6 @@ def format_reward(p: FormatParams) -> RewardFn:
 
 
 # --------------------------------------------------------------------------- embedded scorers
-
-
-@lru_cache(maxsize=1)
-def _sentence_encoder():
-    from transformers import AutoModel, AutoTokenizer
-
-    from fedllm.models import embedded_model_dir
-
-    path = str(embedded_model_dir())
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
-@torch.no_grad()
-def sentence_embeddings(texts: Sequence[str]) -> torch.Tensor:
-    """Unit-norm MiniLM sentence embeddings (mean pooled), as sentence-transformers computes them."""
-    from fedllm.heads import embed_texts
-
-    encoder, tokenizer = _sentence_encoder()
-    emb = embed_texts(encoder, tokenizer, [t if t.strip() else "." for t in texts], max_length=64)
-    return torch.nn.functional.normalize(emb, dim=-1)
 
 
 @register("similarity")

@@ -17,10 +17,11 @@ import warnings
 
 import torch
 
-from clients.base import TRAINERS, TrainContext, TrainResult
-from clients.rewards import build_rewards, mix, score_all
-from fedllm.instructions import Instruction
-from fedllm.models import ModelBundle
+from fedllm.core.bundle import ModelBundle
+from fedllm.core.types import Instruction
+
+from .base import TRAINERS, TrainContext, TrainResult
+from .rewards import build_rewards, mix, score_all
 
 
 def mixed_reward_fn(rewards: dict, weights: dict[str, float]):

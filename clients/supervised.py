@@ -7,9 +7,10 @@ import random
 import torch
 import torch.nn.functional as F
 
-from clients.base import TRAINERS, TrainContext, TrainResult, proximal_term
-from fedllm.data import Examples
-from fedllm.models import ModelBundle, forward_logits
+from fedllm.core.bundle import ModelBundle, forward_logits
+from fedllm.core.types import Examples
+
+from .base import TRAINERS, TrainContext, TrainResult, proximal_term
 
 
 @TRAINERS.register("supervised")

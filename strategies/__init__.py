@@ -1,12 +1,12 @@
 """Server-side fusion rules: pure functions on stacked client deltas, chosen by name.
 
-``FUSION_RULES`` maps the YAML's ``strategy.name`` to ``fuse(deltas, weights) -> delta``;
-the one :class:`fedllm.server_round.RoundRunner` wires any of them to any channel.
+``FUSION_RULES`` maps the YAML's ``strategy.name`` to a rule class whose ``fuse(deltas, weights)``
+returns the fused delta; the fusion pipeline (fedllm/fusion/pipeline.py) wires any of them to
+any channel. Installed as ``fedllm.strategies``; it imports nothing of fedllm but its core.
 """
 
-from strategies.base import FUSION_RULES, FusionRule, build_rule, validate_rule_params
-
 # Each import registers its rules by name.
-from strategies import fedavg, merging, robust  # noqa: F401,E402
+from . import fedavg, merging, robust  # noqa: F401,E402
+from .base import FUSION_RULES, FusionRule, MergeContext, build_rule, validate_rule_params
 
-__all__ = ["FUSION_RULES", "FusionRule", "build_rule", "validate_rule_params"]
+__all__ = ["FUSION_RULES", "FusionRule", "MergeContext", "build_rule", "validate_rule_params"]

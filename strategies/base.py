@@ -1,26 +1,58 @@
 """The fusion-rule interface: ``(clients x d) deltas, (clients,) weights -> (d,) fused delta``.
 
-A rule is a class with a ``Params`` model (its YAML keys under ``strategy:``) and ``__call__``;
-the server applies ``global += server_lr * fused`` (for task arithmetic, server_lr is lambda).
+A rule is a class with a ``Params`` model (its YAML keys under ``strategy:``) and ``fuse``; the
+fusion pipeline (fedllm/fusion/pipeline.py) applies ``global += server_lr * fused`` (for task
+arithmetic, server_lr is lambda) and then calls the rule's :meth:`FusionRule.post_merge`, where a
+rule that changes the merged model itself (R-MTLLMF's few-shot realignment) does so through a
+:class:`MergeContext`. Class attributes say what a rule is, so the config can check what goes
+with it without knowing rule names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fedllm.registry import Registry, validate_params
+from fedllm.core.registry import Registry, validate_params
+from fedllm.core.vectors import Tensors
+
+if TYPE_CHECKING:
+    from fedllm.core.bundle import ModelBundle
 
 
 class RuleParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MergeContext(Protocol):
+    """What a rule's post-merge hook may use of the server (the fusion pipeline implements it)."""
+
+    bundle: "ModelBundle"  # the server's model
+    seed: int  # this round's seed
+
+    def load(self, params: Tensors) -> None:
+        """Put ``params`` into the server's model."""
+
+    def few_shot(self, shots: int) -> Any:
+        """``shots`` labelled examples per task, held by the server."""
+
+    def loss(self, examples: Any) -> torch.Tensor:
+        """The model's loss on ``examples`` (differentiable)."""
+
+    def read_back(self) -> Tensors:
+        """The server's state after the hook trained the model in place."""
+
+
 class FusionRule:
     Params: ClassVar[type[RuleParams]] = RuleParams
+    averaging: ClassVar[bool] = False  # a (weighted) mean: may be wrapped by DP, may take a summed uplink
+    sends_nothing: ClassVar[bool] = False  # no communication at all (local training only)
+    needs_labelled_shots: ClassVar[bool] = False  # its post-merge hook trains on labelled examples
+    needs_frozen_layers: ClassVar[bool] = False  # meant for task vectors with some layers kept home
+    needs_local_part: ClassVar[bool] = False  # personalisation: each client keeps a local group
 
     def __init__(self, params: RuleParams | None = None, seed: int = 0) -> None:
         self.params = params or self.Params()
@@ -32,6 +64,14 @@ class FusionRule:
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def check(self, bundle: "ModelBundle") -> None:
+        """Raise ``ConfigError`` when this rule cannot work on ``bundle`` (checked before round 1)."""
+
+    def post_merge(self, merged: Tensors, ctx: MergeContext) -> tuple[Tensors, dict[str, float]]:
+        """Change the merged global parameters after the fused update is applied (default: keep them);
+        returns them and what to record for the round."""
+        return merged, {}
 
 
 def check_inputs(deltas: torch.Tensor, weights: torch.Tensor) -> None:

@@ -6,7 +6,8 @@
   sign per coordinate (sign of the summed trimmed values), average the values that agree with it.
 - ``dare`` (Yu et al. 2024): drop each value with probability ``p`` and rescale the survivors by
   1 / (1 - p), which keeps every vector's expectation, then sum.
-- ``rmtllmf`` (Djuhera et al. 2024): task arithmetic plus few-shot realignment on the server.
+- ``rmtllmf`` (Djuhera et al. 2024): task arithmetic plus few-shot realignment on the server
+  (:mod:`.realign`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from strategies.base import FUSION_RULES, FusionRule, RuleParams
+from fedllm.core.bundle import ModelBundle
+from fedllm.core.errors import ConfigError
+from fedllm.core.vectors import Tensors
+
+from .base import FUSION_RULES, FusionRule, MergeContext, RuleParams
+from .realign import realign, realign_parameters
 
 
 @FUSION_RULES.register("task_arithmetic")
@@ -77,6 +83,24 @@ class RMTLLMFParams(RuleParams):
 class RMTLLMF(TaskArithmetic):
     """R-MTLLMF (Djuhera et al. 2024): task arithmetic of task vectors fine-tuned with the sensitive
     embedding layers frozen (``peft.frozen_patterns``, so they are never sent), followed by a
-    few-shot realignment of the merged model (the server runs :func:`fedllm.realign.realign`)."""
+    few-shot realignment of the merged model on the server's labelled shots (its post-merge hook)."""
 
     Params = RMTLLMFParams
+    needs_labelled_shots = True
+    needs_frozen_layers = True
+
+    def check(self, bundle: ModelBundle) -> None:
+        if self.params.realign_steps > 0 and not realign_parameters(bundle, self.params.realign_scope):
+            raise ConfigError(f"strategy.realign_scope {self.params.realign_scope!r} selects no transmitted tensor to "
+                              "realign (with LoRA there are no LayerNorms or biases in the sent group); use "
+                              "realign_scope: transmitted or realign_steps: 0")
+
+    def post_merge(self, merged: Tensors, ctx: MergeContext) -> tuple[Tensors, dict[str, float]]:
+        prm = self.params
+        if prm.realign_steps == 0:
+            return merged, {}
+        ctx.load(merged)
+        shots = ctx.few_shot(prm.shots)
+        before, after = realign(ctx.bundle.model, realign_parameters(ctx.bundle, prm.realign_scope),
+                                lambda: ctx.loss(shots), steps=prm.realign_steps, lr=prm.realign_lr, seed=ctx.seed)
+        return {**merged, **ctx.read_back()}, {"realign_loss_before": before, "realign_loss_after": after}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, PositiveFloat
 
-from strategies.base import FUSION_RULES, FusionRule, RuleParams, by_column_blocks, weighted_mean
+from .base import FUSION_RULES, FusionRule, RuleParams, by_column_blocks, weighted_mean
 
 
 @FUSION_RULES.register("median")

@@ -1,10 +1,10 @@
 import torch
+from fedllm.channels import build_channel
+from fedllm.strategies import build_rule
 
-from channels import build_channel
-from fedllm.aggregation import apply_update, fuse_updates
-from fedllm.payload import ClientUpdate
-from fedllm.vectors import Layout, flatten
-from strategies import build_rule
+from fedllm.core.types import ClientUpdate
+from fedllm.core.vectors import Layout, flatten
+from fedllm.fusion.pipeline import apply_update, fuse_updates
 
 GLOBAL = {"w": torch.zeros(2, 3), "b": torch.ones(2)}
 LAYOUT = Layout.of(GLOBAL)

@@ -4,10 +4,16 @@ import math
 
 import pytest
 import torch
-
-from channels import CHANNELS, ClientMeta, build_channel
-from channels.mimo_mac import (CDTYPE, MimoMacChannel, noise_covariance, project_power, strongest_user_jammer, sum_rate,
-                               worst_case_jammer)
+from fedllm.channels import CHANNELS, ClientMeta, build_channel
+from fedllm.channels.mimo_mac import (
+    CDTYPE,
+    MimoMacChannel,
+    noise_covariance,
+    project_power,
+    strongest_user_jammer,
+    sum_rate,
+    worst_case_jammer,
+)
 
 
 def _meta(n: int, examples: list[float] | None = None) -> ClientMeta:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fedllm.cli import app
+from fedllm.apps.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -30,14 +30,14 @@ def test_every_module_imports_on_its_own():
     import subprocess
     import sys
 
-    modules = ["fedllm.config", "clients", "strategies", "channels", "fedllm.cli", "fedllm.client_app"]  # the entry points
+    modules = ["fedllm.config", "clients", "strategies", "channels", "fedllm.apps.cli", "fedllm.apps.client_app"]  # the entry points
     for module in modules:
         result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, f"import {module} failed:\n{result.stderr[-800:]}"
 
 
 def test_round_progress_follows_the_servers_round_lines(capsys):
-    from fedllm.cli import RoundProgress
+    from fedllm.apps.cli import RoundProgress
 
     progress = RoundProgress(rounds=3, enabled=True)
     progress("fedllm: x | model tiny-bert")

@@ -4,11 +4,11 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fedllm.client_app import LOCAL_STATE, train_round
+from fedllm.apps.client_app import LOCAL_STATE, train_round
+from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.config import load_config
-from fedllm.data import load_suite
-from fedllm.models import build_bundle
-from fedllm.payload import DELTA, METRICS, round_content
+from fedllm.workloads.classification.data import load_suite
+from fedllm.workloads.classification.models import build_bundle
 from tests.conftest import TINY_OVERRIDES
 
 LORA_TINY = [o for o in TINY_OVERRIDES if not o.startswith("peft.")] + ["client.lr=0.01", "client.max_steps=5"]
@@ -81,8 +81,8 @@ def test_bottleneck_adapters_start_as_identity_and_are_the_sent_group():
 def test_a_device_trains_on_its_own_data_file(tmp_path):
     import json
 
-    from fedllm.data import DataError
-    from fedllm.embedded_tasks import generate
+    from fedllm.core.embedded_tasks import generate
+    from fedllm.core.errors import DataError
 
     rows = generate("topic", "device", 40, seed=9)
     names = ["sports", "weather", "food", "technology"]

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fedllm.cli import app
+from fedllm.apps.cli import app
 from fedllm.config import ConfigError
-from fedllm.sweep import expand_sweep, plan
+from fedllm.results.sweep import expand_sweep, plan
 
 runner = CliRunner()
 
@@ -74,7 +74,7 @@ def test_report_on_an_empty_folder_fails_clearly(tmp_path):
 
 
 def test_uplink_to_reach_a_target_uses_the_personalised_score_when_clients_evaluate(tmp_path):
-    from fedllm.report import RunResult, markdown_table, summarise, uplink_to_reach
+    from fedllm.results.report import RunResult, markdown_table, summarise, uplink_to_reach
 
     cfg = {"strategy": {"name": "personalized"}, "channel": {"kind": "ideal"}, "output": {"name": "p"}}
     recs = [{"round": 0, "accuracy": 0.2, "bytes_up": 0},

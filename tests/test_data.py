@@ -3,8 +3,10 @@ import json
 import pytest
 
 from fedllm.config import DataSection, TaskSpec, load_config
-from fedllm.data import DataError, Examples, client_examples, load_local_task, load_suite, partition_indices
-from fedllm.embedded_tasks import EMBEDDED_TASKS, generate
+from fedllm.core.embedded_tasks import EMBEDDED_TASKS, generate
+from fedllm.core.errors import DataError
+from fedllm.core.types import Examples
+from fedllm.workloads.classification.data import client_examples, load_local_task, load_suite, partition_indices
 
 
 def test_embedded_tasks_are_deterministic_and_balanced():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedllm.results import read_metrics
+from fedllm.results.writer import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

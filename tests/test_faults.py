@@ -4,12 +4,13 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
-from fedllm.faults import ClientCrash, FaultSpec, apply_fault
-from fedllm.client_app import app as client_app
+from fedllm.apps.client_app import app as client_app
+from fedllm.apps.payload import reject_outlier_norms
+from fedllm.apps.server_app import make_server_app
 from fedllm.config import ConfigError, load_config
-from fedllm.payload import ClientUpdate, reject_outlier_norms
-from fedllm.results import read_metrics
-from fedllm.server_app import make_server_app
+from fedllm.core.faults import ClientCrash, FaultSpec, apply_fault
+from fedllm.core.types import ClientUpdate
+from fedllm.results.writer import read_metrics
 
 FAULTS = ("client.faults=[{kind: nan, clients: [2]}, {kind: crash, clients: [3]}, "
           "{kind: wrong_names, clients: [4]}, {kind: huge_norm, clients: [5]}]")

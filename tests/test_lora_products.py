@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from fedllm.client_app import train_round
+from fedllm.apps.client_app import train_round
+from fedllm.apps.federated_run import FederatedRun
+from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.config import ConfigError, load_config
-from fedllm.data import load_suite
-from fedllm.lora_products import LoraPair, LoraProducts
-from fedllm.metrics import predict
-from fedllm.models import build_bundle, cached_bundle
-from fedllm.payload import DELTA, METRICS, ClientUpdate, round_content
-from fedllm.server_app import FederatedRun
-from fedllm.vectors import Layout, flatten, get_tensors, set_tensors
+from fedllm.core.types import ClientUpdate
+from fedllm.core.vectors import flatten, get_tensors, set_tensors
+from fedllm.fusion.lora_products import LoraProducts
+from fedllm.workloads.classification.data import load_suite
+from fedllm.workloads.classification.metrics import predict
+from fedllm.workloads.classification.models import build_bundle, cached_bundle
 from tests.test_client_app import _context
 from tests.test_rmtllmf import TINY_FUSION
 
@@ -21,28 +22,66 @@ TINY_LORA_FUSION = [o for o in TINY_FUSION if not o.startswith("peft.")] + [
 ]
 
 
-def test_weight_delta_is_scaling_times_b_at_a_minus_the_initial_product():
-    a0, b0 = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]), torch.zeros(4, 2)
-    head = torch.zeros(3)
-    products = LoraProducts(
-        factor_layout=Layout.of({"l.A": a0, "l.B": b0, "head": head}),
-        weight_layout=Layout.of({"l.W": torch.zeros(4, 3), "head": head}),
-        pairs=(LoraPair("l.A", "l.B", "l.W", scaling=0.5, fan_in_fan_out=False),),
-        initial={"l.A": a0, "l.B": b0}, passthrough=("head",))
+def _one_lora_layer(fan_in_fan_out: bool = False):
+    """A PEFT model with one adapted 3 -> 4 layer (r=2, alpha=1: scaling 0.5) and a plain head."""
+    from collections import OrderedDict
+
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(4, 3) if fan_in_fan_out else torch.nn.Linear(3, 4)  # GPT-2's Conv1D stores W transposed
+    model = get_peft_model(torch.nn.Sequential(OrderedDict(l=layer, head=torch.nn.Linear(4, 3))),
+                           LoraConfig(r=2, lora_alpha=1, target_modules=["l"], fan_in_fan_out=fan_in_fan_out))
+    return model, dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_weight_delta_is_scaling_times_b_at_a_minus_the_initial_product(fan_in_fan_out):
+    model, params = _one_lora_layer(fan_in_fan_out)
+    a_name = next(n for n in params if "lora_A" in n)
+    b_name = next(n for n in params if "lora_B" in n)
+    w_name = next(n for n in params if n.endswith("l.base_layer.weight"))
+    head = next(n for n in params if n.endswith("head.weight"))
+    a0 = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # a non-zero initial product is subtracted
+    b0 = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    with torch.no_grad():
+        params[a_name].copy_(a0)
+        params[b_name].copy_(b0)
+    initial = {n: t.detach().clone() for n, t in params.items()}
+    products = LoraProducts.of(model, (a_name, b_name, head), initial)
     d_a = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     d_b = torch.arange(8.0).reshape(4, 2)
-    out = products.weight_delta({"l.A": d_a, "l.B": d_b, "head": torch.tensor([1.0, 2.0, 3.0])})
-    assert torch.allclose(out["l.W"], 0.5 * d_b @ (a0 + d_a))
-    assert out["l.W"][3].tolist() == [0.5 * (6 + 7), 0.5 * (6 + 7), 0.5 * (12 - 7)]  # B row (6, 7), A = [[1,1,2],[1,1,-1]]
-    assert out["head"].tolist() == [1.0, 2.0, 3.0]
-    rows = torch.stack([flatten({"l.A": d_a, "l.B": d_b, "head": head}), torch.zeros(6 + 8 + 3)])
+    out = products.weight_delta({a_name: d_a, b_name: d_b, head: torch.ones(3, 4)})
+    by_hand = 0.5 * ((b0 + d_b) @ (a0 + d_a) - b0 @ a0)  # (4 x 3): out x in
+    assert torch.allclose(out[w_name], by_hand.T if fan_in_fan_out else by_hand)
+    assert torch.equal(out[head], torch.ones(3, 4))  # not a factor: passes through
+    assert torch.equal(params[a_name], a0) and torch.equal(params[b_name], b0)  # the server's layer is left as it was
+    rows = torch.stack([flatten({a_name: d_a, b_name: d_b, head: torch.zeros(3, 4)}, products.factor_layout),
+                        torch.zeros(products.factor_layout.numel)])
     mapped = products(rows)
-    assert mapped.shape == (2, 12 + 3) and mapped[1].abs().sum() == 0  # nothing learnt, nothing merged
+    assert mapped.shape == (2, 12 + 12) and mapped[1].abs().sum() == 0  # nothing learnt, nothing merged
     # fusing factors is not fusing updates: the mean of two clients' B @ A differs from mean(B) @ mean(A)
     clients = [(d_b, d_a), (-d_b, -d_a)]
-    mean_of_products = sum(0.5 * b @ (a0 + a) for b, a in clients) / 2
-    product_of_means = 0.5 * (sum(b for b, _ in clients) / 2) @ (a0 + sum(a for _, a in clients) / 2)
+    mean_of_products = sum(0.5 * (b0 + b) @ (a0 + a) for b, a in clients) / 2
+    product_of_means = 0.5 * (b0 + sum(b for b, _ in clients) / 2) @ (a0 + sum(a for _, a in clients) / 2)
     assert not torch.allclose(mean_of_products, product_of_means)
+
+
+def test_folding_equals_pefts_merge_and_unload():
+    import copy
+
+    model, params = _one_lora_layer()
+    initial = {n: t.detach().clone() for n, t in params.items()}
+    a_name = next(n for n in params if "lora_A" in n)
+    b_name = next(n for n in params if "lora_B" in n)
+    products = LoraProducts.of(model, (a_name, b_name), initial)
+    with torch.no_grad():  # "trained": PEFT starts B at zero
+        params[b_name].copy_(torch.randn(params[b_name].shape, generator=torch.Generator().manual_seed(3)))
+    reference = copy.deepcopy(model).merge_and_unload().l.weight.detach()
+    folded = products.fold(model)
+    assert torch.allclose(folded[products.weight_layout.names[0]], reference, atol=1e-6)
+    assert torch.equal(params[b_name], initial[b_name])  # the factors are reset
 
 
 def test_folding_the_lora_into_base_weights_keeps_the_model_function():
@@ -72,7 +111,7 @@ def test_server_fuses_client_lora_updates_as_weight_deltas_and_sends_merged_weig
     cfg = load_config(None, [*TINY_LORA_FUSION, "eval.fusion_metrics=true", f"output.dir={tmp_path}"])
     run = FederatedRun(None, cfg, echo=lambda _: None)
     theta0 = {n: t.clone() for n, t in run.global_params.items()}
-    factor_names = set(run.layout.names)
+    factor_names = set(run.pipeline.layout.names)
     assert any(n.endswith("base_layer.weight") for n in theta0) and run.down_bytes > run.payload_bytes
     updates = []
     for partition in (0, 1):
@@ -80,10 +119,10 @@ def test_server_fuses_client_lora_updates_as_weight_deltas_and_sends_merged_weig
         delta = reply.array_records[DELTA].to_torch_state_dict()
         assert set(delta) == factor_names  # only the factors travel up
         metrics = {k: float(v) for k, v in dict(reply.metric_records[METRICS]).items()}
-        updates.append(ClientUpdate(partition + 1, flatten(delta, run.layout), 100, metrics))
-    record = run.update(1, updates)
-    expected = sum(run.lora(u.delta[None])[0] for u in updates)
-    for name, value in zip(run.fusion_layout.names, torch.split(expected, run.fusion_layout.sizes)):
+        updates.append(ClientUpdate(partition + 1, flatten(delta, run.pipeline.layout), 100, metrics))
+    record = run.round_update(1, updates)
+    expected = sum(run.pipeline.lora(u.delta[None])[0] for u in updates)
+    for name, value in zip(run.pipeline.fusion_layout.names, torch.split(expected, run.pipeline.fusion_layout.sizes)):
         assert torch.allclose(run.global_params[name], theta0[name] + 0.5 * value.reshape(theta0[name].shape),
                               atol=1e-6)
     for name in factor_names:
@@ -91,8 +130,8 @@ def test_server_fuses_client_lora_updates_as_weight_deltas_and_sends_merged_weig
     assert record["individual_accuracy/topic"] > 0 and 0 <= record["wd_error"] <= 1
     # the next round's client starts from the merged weights
     train_round(round_content(run.global_params, cfg.to_json(), 2, 2), _context(0))
-    client = cached_bundle(cfg, run.suite.label_names)
-    some_weight = run.fusion_layout.names[0]
+    client = cached_bundle(cfg, run.workload.suite.label_names)
+    some_weight = run.pipeline.fusion_layout.names[0]
     assert torch.equal(dict(client.model.named_parameters())[some_weight].detach(), run.global_params[some_weight])
 
 
@@ -103,13 +142,13 @@ def test_rmtllmf_with_lora_realigns_the_factors_and_folds_them(tmp_path):
     run = FederatedRun(None, cfg, echo=lambda _: None)
     theta0 = {n: t.clone() for n, t in run.global_params.items()}
     reply = train_round(round_content(run.global_params, cfg.to_json(), 1, 2), _context(0))
-    update = ClientUpdate(1, flatten(reply.array_records[DELTA].to_torch_state_dict(), run.layout), 100,
+    update = ClientUpdate(1, flatten(reply.array_records[DELTA].to_torch_state_dict(), run.pipeline.layout), 100,
                           {"train_loss": 1.0})
-    record = run.update(1, [update])
+    record = run.round_update(1, [update])
     assert record["realign_loss_after"] < record["realign_loss_before"]
-    for name in run.layout.names:
+    for name in run.pipeline.layout.names:
         assert torch.equal(run.global_params[name], theta0[name])
-    assert any(not torch.equal(run.global_params[n], theta0[n]) for n in run.fusion_layout.names)
+    assert any(not torch.equal(run.global_params[n], theta0[n]) for n in run.pipeline.fusion_layout.names)
     norms_only = load_config(None, [*TINY_LORA_FUSION, "strategy.name=rmtllmf", "peft.frozen_patterns=[embeddings]",
                                     "strategy.realign_scope=norms_biases", f"output.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="realign_scope"):  # LoRA sends no LayerNorm: nothing to realign

@@ -2,8 +2,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedllm.payload import DELTA, METRICS, RejectedReply, parse_reply
-from fedllm.vectors import Layout
+from fedllm.apps.payload import DELTA, METRICS, RejectedReply, parse_reply
+from fedllm.core.vectors import Layout
 
 LAYOUT = Layout.of({"a": torch.zeros(2, 2), "b": torch.zeros(3)})
 

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from fedllm.clients import TRAINERS, TrainContext
+from fedllm.clients.rewards import build_reward
 from flwr.app import Context, RecordDict
 
-from clients import TRAINERS, TrainContext
-from clients.rewards import build_reward
-from fedllm.client_app import LOCAL_STATE, train_round
+from fedllm.apps.client_app import LOCAL_STATE, train_round
+from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.config import ConfigError, load_config
-from fedllm.instructions import STYLES, embedded_instructions, embedded_vocabulary
-from fedllm.pfit import client_preference, client_prompts
-from fedllm.payload import DELTA, METRICS, round_content
-from fedllm.policy import build_policy, generate, kl_to_reference, word_tokenizer
+from fedllm.workloads.instruction_rl.evaluation import client_preference, client_prompts
+from fedllm.workloads.instruction_rl.instructions import STYLES, embedded_instructions, embedded_vocabulary
+from fedllm.workloads.instruction_rl.policy import build_policy, generate, kl_to_reference, word_tokenizer
 
 PFIT = ["model.name=tiny-gpt2", "client.trainer=rl", "rl={}", "peft.target_modules=[c_attn, c_fc]",
         "peft.global_patterns=[attn.c_attn.lora_]", "peft.local_patterns=[mlp.c_fc.lora_]",
@@ -54,7 +54,7 @@ def test_clients_split_the_prompts_and_hold_their_own_preference():
 
 
 def test_tiny_policy_is_instruction_tuned_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    import fedllm.policy as policy
+    import fedllm.workloads.instruction_rl.policy as policy
 
     monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))
     cfg = load_config(None, [*PFIT, "rl.sft_steps=5"])
@@ -123,9 +123,9 @@ def test_the_local_lora_never_leaves_the_client(policy_cfg):
 def test_two_round_two_client_pfit_run(tmp_path):
     from flwr.simulation import run_simulation
 
-    from fedllm.client_app import app as client_app
-    from fedllm.results import read_metrics
-    from fedllm.server_app import make_server_app
+    from fedllm.apps.client_app import app as client_app
+    from fedllm.apps.server_app import make_server_app
+    from fedllm.results.writer import read_metrics
 
     cfg = load_config(None, [*PFIT, "rounds=2", "client.max_steps=4", "strategy.name=personalized",
                              "eval.federated=true", f"output.dir={tmp_path}"])
@@ -145,7 +145,7 @@ def test_two_round_two_client_pfit_run(tmp_path):
 
 def test_a_causal_lm_from_a_local_folder_is_loaded_tuned_and_generates(tmp_path):
     """The real loading path (AutoModelForCausalLM/AutoTokenizer.from_pretrained) on a saved model."""
-    from fedllm.policy import tiny_gpt2
+    from fedllm.workloads.instruction_rl.policy import tiny_gpt2
 
     tok = word_tokenizer(embedded_vocabulary())
     tiny_gpt2(len(tok), seed=3).save_pretrained(tmp_path / "lm")

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from fedllm.clients import proximal_term
+from fedllm.strategies import build_rule
 from flwr.simulation import run_simulation
 
-from clients import proximal_term
-from fedllm.client_app import app as client_app
-from fedllm.config import ConfigError, load_config
-from fedllm.data import DataSection, TaskSpec, client_examples
-from fedllm.results import read_metrics
-from fedllm.server_app import make_server_app
-from strategies import build_rule
+from fedllm.apps.client_app import app as client_app
+from fedllm.apps.server_app import make_server_app
+from fedllm.config import ConfigError, DataSection, TaskSpec, load_config
+from fedllm.results.writer import read_metrics
+from fedllm.workloads.classification.data import client_examples
 
 # Tiny PFTT: bottleneck adapters + head are the global part, LoRA on query/value the local part.
 TINY_PFTT = [

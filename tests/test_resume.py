@@ -4,10 +4,10 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
-from fedllm.client_app import app as client_app
+from fedllm.apps.client_app import app as client_app
+from fedllm.apps.server_app import make_server_app
 from fedllm.config import ConfigError, load_config
-from fedllm.results import load_checkpoint, read_metrics
-from fedllm.server_app import make_server_app
+from fedllm.results.writer import load_checkpoint, read_metrics
 
 
 class Interrupted(RuntimeError):
@@ -54,8 +54,8 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tiny_overrides, tmp_
 
 
 def test_resume_refuses_another_config(tiny_overrides, tmp_path):
-    from fedllm.results import ResultsWriter, save_checkpoint
-    from fedllm.server_app import FederatedRun
+    from fedllm.apps.federated_run import FederatedRun
+    from fedllm.results.writer import ResultsWriter, save_checkpoint
 
     cfg = load_config(None, tiny_overrides)
     writer = ResultsWriter(cfg)

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from clients.rewards import build_reward, mix, normalise_batch, validate_reward
+from fedllm.clients.rewards import build_reward, mix, normalise_batch, validate_reward
 
 
 def test_normalise_batch_z_scores_and_flat_batches_give_zeros():
@@ -58,7 +57,7 @@ def test_embedded_scorers_rank_real_sentences():
 def test_reward_model_from_a_local_folder(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from fedllm.models import embedded_model_dir
+    from fedllm.core.store import embedded_model_dir
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,

@@ -4,18 +4,19 @@ import json
 
 import pytest
 import torch
+from fedllm.strategies.realign import realign, realign_parameters
 from flwr.simulation import run_simulation
 
-from fedllm.client_app import app as client_app
-from fedllm.client_app import train_round
+from fedllm.apps.client_app import app as client_app
+from fedllm.apps.client_app import train_round
+from fedllm.apps.payload import DELTA, METRICS, round_content
+from fedllm.apps.server_app import make_server_app
 from fedllm.config import ConfigError, load_config
-from fedllm.data import load_suite
-from fedllm.metrics import disagreement
-from fedllm.models import build_bundle
-from fedllm.payload import DELTA, METRICS, round_content
-from fedllm.realign import few_shot_loss, few_shot_set, realign
-from fedllm.results import read_metrics
-from fedllm.server_app import make_server_app
+from fedllm.results.writer import read_metrics
+from fedllm.workloads.classification import Classification
+from fedllm.workloads.classification.data import load_suite
+from fedllm.workloads.classification.metrics import disagreement
+from fedllm.workloads.classification.models import build_bundle
 from tests.test_client_app import _context
 
 TINY_FUSION = [
@@ -52,17 +53,20 @@ def test_rmtllmf_requires_frozen_layers():
 
 
 def test_realignment_lowers_the_few_shot_loss():
-    cfg = load_config(None, TINY_FUSION)
-    suite = load_suite(cfg.data, cfg.seed)
-    bundle = build_bundle(cfg, suite.label_names)
-    shots = few_shot_set(suite.split("validation"), len(suite.tasks), 5, seed=0)
+    workload = Classification(load_config(None, TINY_FUSION))
+    bundle = workload.build_model()
+    shots = workload.few_shot(5, seed=0)
     assert len(shots) == 10 and sorted(set(shots.tasks)) == [0, 1]
-    before, after = realign(bundle, shots, suite, steps=10, lr=1e-3, scope="transmitted", max_length=32, seed=0)
+    before, after = realign(bundle.model, realign_parameters(bundle, "transmitted"),
+                            lambda: workload.few_shot_loss(bundle, shots), steps=10, lr=1e-3, seed=0)
     assert after < before
     with torch.no_grad():
-        assert float(few_shot_loss(bundle, shots, suite, 32)) == pytest.approx(after)
-    norms_only = build_bundle(cfg, suite.label_names)
-    b2, a2 = realign(norms_only, shots, suite, steps=10, lr=1e-2, scope="norms_biases", max_length=32, seed=0)
+        assert float(workload.few_shot_loss(bundle, shots)) == pytest.approx(after)
+    norms_only = workload.build_model()
+    chosen = realign_parameters(norms_only, "norms_biases")
+    assert chosen and all(p.numel() < 1000 for p in chosen)  # LayerNorm weights and biases only
+    b2, a2 = realign(norms_only.model, chosen, lambda: workload.few_shot_loss(norms_only, shots), steps=10, lr=1e-2,
+                     seed=0)
     assert a2 < b2
 
 

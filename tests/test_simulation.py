@@ -6,10 +6,10 @@ import time
 import pytest
 from flwr.simulation import run_simulation
 
-from fedllm.client_app import app as client_app
+from fedllm.apps.client_app import app as client_app
+from fedllm.apps.server_app import make_server_app
 from fedllm.config import load_config
-from fedllm.results import read_metrics
-from fedllm.server_app import make_server_app
+from fedllm.results.writer import read_metrics
 
 
 @pytest.mark.slow

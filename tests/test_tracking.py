@@ -6,7 +6,7 @@ import types
 import pytest
 
 from fedllm.config import ConfigError, load_config
-from fedllm.results import ResultsWriter
+from fedllm.results.writer import ResultsWriter
 
 ROUNDS = [{"round": 0, "accuracy": 0.25, "bytes_up": 0}, {"round": 1, "accuracy": 0.5, "train_loss": 1.2,
                                                            "rejected": [], "skipped": False, "channel_snr_db": "inf"}]
@@ -35,7 +35,8 @@ def test_mlflow_gets_params_and_metrics_per_round(tmp_path, monkeypatch):
     fake.log_metrics = lambda metrics, step: calls.append(("metrics", step, metrics))
     fake.end_run = lambda: calls.append(("end",))
     monkeypatch.setitem(sys.modules, "mlflow", fake)
-    monkeypatch.setattr("fedllm.tracking.check_installed", lambda kind: None)
+    monkeypatch.setattr("fedllm.results.tracking.check_installed", lambda kind: None)
+    monkeypatch.setattr("fedllm.config.sections.check_installed", lambda kind: None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(None, [f"output.dir={tmp_path}"]).model_copy()
     cfg.output.tracking = "mlflow"
@@ -50,7 +51,7 @@ def test_mlflow_gets_params_and_metrics_per_round(tmp_path, monkeypatch):
 
 def test_missing_tracking_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="output.tracking: 'mlflow' needs the mlflow package: pip install mlflow"):
+    with pytest.raises(ConfigError, match=r"output.tracking: 'mlflow' needs the mlflow package: pip install -e '\.\[mlflow\]'"):
         load_config(None, ["output.tracking=mlflow"])
     with pytest.raises(ConfigError, match="output.tracking"):
         load_config(None, ["output.tracking=wandb"])

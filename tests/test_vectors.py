@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedllm.vectors import Layout, add, flatten, get_tensors, matches, split_groups, subtract, unflatten
+from fedllm.core.vectors import Layout, add, flatten, get_tensors, matches, split_groups, subtract, unflatten
 
 
 def test_flatten_unflatten_round_trips_exactly():

@@ -1,0 +1,117 @@
+"""The ``fedllm`` command: run experiment YAMLs through Flower's simulation engine.
+
+``fedllm run`` drives the same ServerApp and ClientApp as ``flwr run .``, in-process (Flower's
+``run_simulation`` with the Ray backend, fedllm/apps/simulation.py), so an experiment is one
+command with no SuperLink.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated fine-tuning and fusion of language models over wireless channels.")
+
+
+@app.callback()
+def _group() -> None:
+    """Federated fine-tuning and fusion of language models over wireless channels."""
+
+
+@app.command(epilog="Example: fedllm run experiments/fedavg_lora.yaml --set rounds=3 --set channel.kind=awgn")
+def run(
+    experiment: Annotated[Path, typer.Argument(help="experiment YAML", exists=True, dir_okay=False)],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. client.lr=0.001 (repeatable)")] = None,
+    clients: Annotated[int, typer.Option(help="number of simulated edge clients (SuperNodes)")] = 4,
+    cpus_per_client: Annotated[float, typer.Option(help="CPU cores reserved per client")] = 1.0,
+    resume: Annotated[Path | None, typer.Option(help="results folder of an interrupted run of this config",
+                                                exists=True, file_okay=False)] = None,
+) -> None:
+    """Run one experiment YAML in a local simulation with CLIENTS edge clients."""
+    from fedllm.apps.simulation import simulate
+    from fedllm.config import ConfigError, load_config
+    from fedllm.core.errors import DataError
+
+    try:
+        cfg = load_config(experiment, set_ or [])
+        simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume, echo=RoundProgress(cfg.rounds))
+    except (ConfigError, DataError) as err:
+        _fail(str(err))
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+class RoundProgress:
+    """A progress bar over rounds (on a terminal) fed by the server's per-round log lines."""
+
+    def __init__(self, rounds: int, enabled: bool | None = None) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=rounds, unit="round", desc="rounds",
+                        disable=not sys.stderr.isatty() if enabled is None else not enabled)
+
+    def __call__(self, line: str) -> None:
+        self._tqdm.write(line)
+        match = re.match(r"\[round (\d+)/\d+\]", line)
+        if match and int(match.group(1)) > self.bar.n:
+            self.bar.update(int(match.group(1)) - self.bar.n)
+        if line.startswith("fedllm: done"):
+            self.bar.close()
+
+
+@app.command(epilog="Examples: fedllm compare experiments/  |  fedllm compare a.yaml b.yaml --set rounds=1")
+def compare(
+    experiments: Annotated[list[Path], typer.Argument(help="experiment YAMLs and/or folders of them", exists=True)],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override applied to every run (repeatable)")] = None,
+    clients: Annotated[int, typer.Option(help="clients for runs whose data.num_clients is unset")] = 4,
+    rerun: Annotated[bool, typer.Option(help="run again even when finished results exist")] = False,
+    out: Annotated[Path | None, typer.Option(help="where the table and plots go")] = None,
+    target: Annotated[float | None, typer.Option(help="add a column: uplink MB until the (personalised) "
+                                                       "accuracy or reward first reaches this")] = None,
+) -> None:
+    """Run what has no results yet (cached by config hash), then print and save a comparison."""
+    from fedllm.apps.simulation import compare_experiments
+    from fedllm.config import ConfigError
+    from fedllm.core.errors import DataError
+
+    try:
+        result = compare_experiments(list(experiments), set_ or [], clients, rerun, out, target, echo=typer.echo)
+    except (ConfigError, DataError) as err:
+        _fail(str(err))
+    typer.echo(result.table)
+    typer.echo(f"table and {len(result.plots)} plots in {result.out}")
+
+
+@app.command(epilog="Example: fedllm report results/ --out results/report")
+def report(
+    results: Annotated[list[Path], typer.Argument(help="results folders (runs or parents of runs)", exists=True)],
+    out: Annotated[Path, typer.Option(help="where the table and plots go")] = Path("results/report"),
+    target: Annotated[float | None, typer.Option(help="add a column: uplink MB until the (personalised) "
+                                                       "accuracy or reward first reaches this")] = None,
+) -> None:
+    """Re-render tables and plots from saved results, without training."""
+    from fedllm.results.report import find_runs, write_report
+
+    runs = find_runs(list(results))
+    if not runs:
+        _fail(f"no finished runs (folders with summary.json) under {', '.join(map(str, results))}")
+    md, plots = write_report(runs, out, target)
+    typer.echo(md)
+    typer.echo(f"table and {len(plots)} plots in {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

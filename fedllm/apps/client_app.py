@@ -1,0 +1,128 @@
+"""ClientApp: thin Flower glue around the workload's client side (plain PyTorch underneath).
+
+A client restores the global group from the message and its local group from
+``context.state`` (kept across rounds by Flower), trains with its trainer from
+``fedllm.clients``, stores the local group back, and replies with only the delta of the
+global group plus its metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sized
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedllm.apps.payload import CONFIG, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
+from fedllm.clients import TRAINERS, client_seed
+from fedllm.config import ExperimentConfig, config_from_json
+from fedllm.core.bundle import ModelBundle
+from fedllm.core.faults import apply_fault
+from fedllm.core.vectors import get_tensors, set_tensors, subtract
+from fedllm.workloads import Workload, workload_for
+
+LOCAL_STATE = "fedllm.local"
+ROUNDS_STATE = "fedllm.rounds"
+
+app = ClientApp()
+
+
+def _partition(context: Context, config: dict) -> tuple[int, int]:
+    """(partition id, number of partitions); a device with its own data has no partition: (-1, 0)."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        if node_config.get("data-path"):
+            return -1, 0
+        raise ValueError("node config lacks 'partition-id' or 'data-path' (start the SuperNode with "
+                         "--node-config 'partition-id=0 num-partitions=N' or --node-config 'data-path=/my/data.jsonl')")
+    num = int(config.get("num-partitions") or node_config.get("num-partitions", 0))
+    return int(node_config["partition-id"]), num
+
+
+@dataclass
+class ClientRound:
+    """What one client call works with, prepared once: config, workload, model, data, partition."""
+
+    cfg: ExperimentConfig
+    workload: Workload
+    bundle: ModelBundle
+    data: Sized
+    server_round: int
+    partition_id: int  # -1 for a device with its own data
+    num_partitions: int
+
+
+def _prepare(content: RecordDict, context: Context) -> ClientRound:
+    config = dict(content.config_records[CONFIG])
+    cfg = config_from_json(str(config["experiment"]))
+    partition_id, num_partitions = _partition(context, config)
+    workload = workload_for(cfg)
+    bundle = workload.cached_model()
+    data = workload.client_data(partition_id, num_partitions, context.node_config)
+    _restore(bundle, content, context)
+    return ClientRound(cfg, workload, bundle, data, int(config.get("round", 0)), partition_id, num_partitions)
+
+
+def _restore(bundle: ModelBundle, content: RecordDict, context: Context) -> None:
+    """Global group from the message, local group from this client's state (or its initial value)."""
+    set_tensors(bundle.model, content.array_records[GLOBAL].to_torch_state_dict())
+    local = context.state.array_records.get(LOCAL_STATE)
+    set_tensors(bundle.model, local.to_torch_state_dict() if local is not None else bundle.initial_local)
+
+
+def _count_rounds(context: Context) -> int:
+    """How many rounds this client's state has seen, this one included (kept in context.state)."""
+    seen = context.state.config_records.get(ROUNDS_STATE)
+    rounds_here = int(seen["n"]) + 1 if seen is not None else 1
+    context.state[ROUNDS_STATE] = ConfigRecord({"n": rounds_here})
+    return rounds_here
+
+
+def train_round(content: RecordDict, context: Context) -> RecordDict:
+    """One client round: returns the reply content (delta of the global group + metrics)."""
+    job = _prepare(content, context)
+    cfg, bundle = job.cfg, job.bundle
+    before = get_tensors(bundle.model, bundle.groups.global_names)
+    seed = client_seed(cfg.seed, job.server_round, int(context.node_config.get("partition-id", 0)))
+    ctx = job.workload.train_context(job.data, job.partition_id, seed, before if cfg.client.prox_mu > 0 else None)
+    started = time.perf_counter()
+    result = TRAINERS.get(cfg.client.trainer)(bundle, job.data, ctx)
+    train_time = time.perf_counter() - started
+    local_norm = 0.0
+    if bundle.groups.local_names:
+        local = get_tensors(bundle.model, bundle.groups.local_names)
+        context.state[LOCAL_STATE] = ArrayRecord(torch_state_dict=local)
+        local_norm = float(sum(t.double().pow(2).sum() for t in local.values()) ** 0.5)
+    delta = subtract(get_tensors(bundle.model, bundle.groups.global_names), before)
+    metrics = {"train_loss": result.loss, "steps": result.steps, NUM_EXAMPLES: len(job.data), "task": -1,
+               **job.workload.data_metrics(job.data), "local_norm": local_norm,
+               "local_rounds": _count_rounds(context), "train_time": train_time, **result.extra}
+    if job.partition_id >= 0:
+        metrics["partition"] = job.partition_id
+    for fault in cfg.client.faults:
+        if fault.hits(job.partition_id, job.num_partitions, cfg.seed):
+            delta = apply_fault(fault, delta, metrics, seed=ctx.seed)
+    return reply_content(delta, metrics)
+
+
+def evaluate_round(content: RecordDict, context: Context) -> RecordDict:
+    """Personalised evaluation: global group from the server, local group from the client state."""
+    job = _prepare(content, context)
+    result = job.workload.evaluate_client(job.bundle, job.data, job.partition_id, job.num_partitions,
+                                          context.node_config)
+    metrics = {**result.metrics, NUM_EXAMPLES: result.num_examples}
+    if job.partition_id >= 0:
+        metrics["partition"] = job.partition_id
+    return RecordDict({METRICS: MetricRecord(metrics)})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(train_round(msg.content, context), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(evaluate_round(msg.content, context), reply_to=msg)

@@ -1,0 +1,208 @@
+"""The server side of one experiment: sampling, reply collection, checkpoints and the round record.
+
+What is trained and scored comes from the workload (fedllm/workloads), what happens to the
+replies from the fusion pipeline (fedllm/fusion/pipeline.py); this class is the round loop of
+../shared/DESIGN.md around them, with Flower only in :meth:`collect` and :meth:`evaluate_federated`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from fedllm.apps.console import done_line, round_line, start_line
+from fedllm.apps.payload import METRICS, RejectedReply, parse_reply, reject_outlier_norms, round_content
+from fedllm.config import ConfigError, ExperimentConfig
+from fedllm.core.types import ClientUpdate
+from fedllm.fusion.pipeline import FusionPipeline
+from fedllm.results.writer import ResultsWriter, load_checkpoint, save_checkpoint
+from fedllm.workloads import workload_for
+
+log = logging.getLogger("fedllm")
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float = 120.0) -> list[int]:
+    start = time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= needed or time.monotonic() - start > timeout:
+            return nodes
+        time.sleep(0.5)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB); in a simulation the server runs in
+    the driver process, so this is the server's."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_record(updates: list[ClientUpdate]) -> dict[str, Any]:
+    """What the clients report of their training: loss, time, how far their personal parts moved."""
+    examples = sum(u.num_examples for u in updates)
+    record: dict[str, Any] = {"train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples}
+    times = [u.metrics["train_time"] for u in updates if "train_time" in u.metrics]
+    if times:  # where a round's time goes: the slowest client bounds it
+        record["client_train_time_max"], record["client_train_time_mean"] = max(times), sum(times) / len(times)
+    if any(u.metrics.get("local_norm") for u in updates):  # personal parts: how far each has moved
+        record["client_local_norm"] = {u.client_id: u.metrics["local_norm"] for u in updates}
+        record["client_local_rounds"] = {u.client_id: int(u.metrics.get("local_rounds", 0)) for u in updates}
+    return record
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
+                 resume: Path | None = None) -> None:
+        self.grid, self.cfg, self.echo = grid, cfg, echo
+        self.workload = workload_for(cfg)
+        if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
+            self.workload.check_data(cfg.data.num_clients)
+        self.bundle = self.workload.build_model()
+        self.pipeline = FusionPipeline(cfg, self.workload, self.bundle)
+        self.global_params = self.pipeline.initial_global()
+        self.payload_bytes = self.pipeline.layout.numel * 4  # what a client sends
+        self.down_bytes = sum(t.numel() for t in self.global_params.values()) * 4
+        self.rng = random.Random(cfg.seed)
+        self.config_json = cfg.to_json()
+        self.totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "elapsed": 0.0}
+        self.next_round = 1
+        self.writer = ResultsWriter(cfg, resume_dir=resume)
+        if resume is not None:
+            self._restore(resume)
+
+    def _state(self) -> dict:
+        return {"round": self.next_round - 1, "global_params": self.global_params, "totals": self.totals,
+                "sampler": self.rng.getstate(), "config_digest": self.cfg.digest(), **self.pipeline.state()}
+
+    def _restore(self, run_dir: Path) -> None:
+        state = load_checkpoint(run_dir)
+        if state["config_digest"] != self.cfg.digest():
+            raise ConfigError(f"cannot resume {run_dir}: it was made by another config "
+                              f"(digest {state['config_digest']}, this one {self.cfg.digest()})")
+        self.global_params, self.totals = state["global_params"], state["totals"]
+        self.rng.setstate(state["sampler"])
+        self.pipeline.load_state(state)
+        self.next_round = state["round"] + 1
+        self.writer.truncate_after(state["round"])
+        self.echo(f"fedllm: resuming {run_dir} after round {state['round']}")
+
+    def num_clients(self) -> int:
+        return self.cfg.data.num_clients or len(self.grid.get_node_ids()) or 1
+
+    def evaluate(self, rnd: int) -> dict[str, Any]:
+        result = self.workload.evaluate(self.bundle, self.global_params, self.num_clients())
+        if result.samples:
+            self.writer.log_samples(rnd, result.samples)
+        return result.metrics
+
+    def evaluate_federated(self, rnd: int) -> dict[str, Any]:
+        """Every client scores the global group plus its own local group on its own test data."""
+        content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0)
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
+                    for n in sorted(self.grid.get_node_ids())]
+        per_client: dict[str, dict[str, float]] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout):
+            if reply.has_error() or METRICS not in reply.content.metric_records:
+                log.warning("round %d: evaluation failed on client %s", rnd, reply.metadata.src_node_id)
+                continue
+            metrics = dict(reply.content.metric_records[METRICS])
+            name = f"p{int(metrics['partition'])}" if "partition" in metrics else f"n{reply.metadata.src_node_id}"
+            per_client[name] = metrics
+        return self.workload.summarize_clients(per_client)
+
+    def collect(self, rnd: int) -> tuple[list[int], int, list[ClientUpdate], list[str], list[int]]:
+        """Sample clients, send the global group, and check every reply: (sampled nodes, number of
+        replies, usable updates, rejection reasons, nodes that never replied)."""
+        strategy = self.cfg.strategy
+        nodes = wait_for_nodes(self.grid, strategy.min_clients)
+        k = max(strategy.min_clients, round(strategy.fraction_train * len(nodes)))
+        sampled = sorted(self.rng.sample(nodes, min(k, len(nodes))))
+        content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0)
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
+        updates, rejected, replied = [], [], []
+        # Parse each reply as it is handed over and keep only the flat delta: holding the messages
+        # as well would double the server's memory per client.
+        for reply in self.grid.send_and_receive(messages, timeout=strategy.round_timeout):
+            replied.append(reply.metadata.src_node_id)
+            try:
+                updates.append(parse_reply(reply, self.pipeline.layout))
+            except RejectedReply as why:
+                rejected.append(str(why))
+        updates, outliers = reject_outlier_norms(updates, strategy.reject_norm_ratio)
+        for why in rejected + outliers:
+            log.warning("round %d: rejected reply: %s", rnd, why)
+        missing = sorted(set(sampled) - set(replied))
+        if missing:
+            log.warning("round %d: %d of %d sampled clients did not reply within %ss: nodes %s", rnd,
+                        len(missing), len(sampled), strategy.round_timeout, missing)
+        return sampled, len(replied), updates, rejected + outliers, missing
+
+    def round_update(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """The fusion pipeline on this round's usable updates; returns what to record of it."""
+        self.global_params, record = self.pipeline(self.global_params, updates, self.cfg.seed + rnd)
+        return {**record, **training_record(updates)}
+
+    def round(self, rnd: int) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.monotonic()
+        sampled, replied, updates, rejected, missing = self.collect(rnd)
+        record: dict[str, Any] = {
+            "round": rnd, "clients_sampled": len(sampled), "clients_replied": replied, "clients_used": len(updates),
+            "clients_missing": len(missing), "missing_nodes": missing, "rejected": rejected,
+            "bytes_up": self.payload_bytes * replied, "bytes_down": self.down_bytes * len(sampled),
+            "bytes_up_per_client": self.payload_bytes}
+        if len(updates) < cfg.strategy.min_clients:
+            self.echo(f"[round {rnd}/{cfg.rounds}] skipped: {len(updates)} usable replies < strategy.min_clients="
+                      f"{cfg.strategy.min_clients}")
+            record["skipped"] = True
+        else:
+            record.update(self.round_update(rnd, updates))
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            t_eval = time.monotonic()
+            if cfg.eval.centralized:
+                record.update(self.evaluate(rnd))
+            if cfg.eval.federated:
+                record.update(self.evaluate_federated(rnd))
+            record["eval_time"] = time.monotonic() - t_eval
+        self.totals["bytes_up"] += record["bytes_up"]
+        self.totals["bytes_down"] += record["bytes_down"]
+        record["round_time"] = time.monotonic() - t0
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        final, m = self.writer.records[-1], self.workload.metric
+        return {"experiment": self.cfg.run_name(), "rounds": self.cfg.rounds, "final_accuracy": final.get("accuracy"),
+                f"final_{m}": final.get(m), **{k: v for k, v in final.items() if k.startswith(("accuracy/", "reward/"))},
+                **{k: final[k] for k in (f"personalized_{m}", f"worst_client_{m}", "preference_matrix", "dp_epsilon")
+                   if k in final},
+                "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
+                "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
+                "config_digest": self.cfg.digest(), "server_peak_rss_mb": peak_rss_mb()}
+
+    def run(self) -> Path:
+        cfg, m = self.cfg, self.workload.metric
+        self.echo(start_line(cfg.run_name(), cfg.model.name, cfg.peft.method, self.workload.describe(),
+                             self.pipeline.layout.numel, self.payload_bytes, self.writer.dir))
+        if self.next_round == 1:
+            scores = self.evaluate(0) if cfg.eval.centralized else {}
+            self.writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
+            self.echo(f"[round 0/{cfg.rounds}] {m}={scores.get(m, float('nan')):.4f} (before training)")
+            save_checkpoint(self.writer.dir, self._state())
+        start = time.monotonic() - self.totals["elapsed"]
+        for rnd in range(self.next_round, cfg.rounds + 1):
+            record = self.round(rnd)
+            self.totals["elapsed"] = record["wall_time"] = time.monotonic() - start
+            self.writer.log_round(record)
+            self.next_round = rnd + 1
+            save_checkpoint(self.writer.dir, self._state())
+            self.echo(round_line(record, cfg.rounds, m, self.payload_bytes))
+        summary = self.summary()
+        self.writer.finish(self.global_params, summary)
+        self.echo(done_line(summary, m, self.writer.dir))
+        return self.writer.dir

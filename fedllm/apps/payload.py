@@ -1,0 +1,82 @@
+"""What crosses the wire, and the server's check of every client reply.
+
+Down: ``global`` (ArrayRecord of the transmitted group) + ``config`` (the resolved
+experiment as JSON, the round, the number of partitions). Up: ``delta`` (ArrayRecord of
+``after - before`` of exactly the global group) + ``metrics``. A reply that does not fit
+(missing keys, wrong names or shapes, NaN/Inf, no examples) is rejected with a reason and
+left out of the fusion; one bad client never stops the server.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedllm.core.types import ClientUpdate
+from fedllm.core.vectors import Layout, flatten
+
+GLOBAL = "global"
+CONFIG = "config"
+DELTA = "delta"
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"
+
+
+def round_content(global_params: dict[str, torch.Tensor], config_json: str, server_round: int,
+                  num_partitions: int) -> RecordDict:
+    return RecordDict({
+        GLOBAL: ArrayRecord(torch_state_dict=global_params),
+        CONFIG: ConfigRecord({"experiment": config_json, "round": server_round, "num-partitions": num_partitions}),
+    })
+
+
+def reply_content(delta: dict[str, torch.Tensor], metrics: dict[str, float | int]) -> RecordDict:
+    return RecordDict({DELTA: ArrayRecord(torch_state_dict=delta), METRICS: MetricRecord(metrics)})
+
+
+class RejectedReply(ValueError):
+    """A reply the server will not fuse; ``str()`` is the logged reason."""
+
+
+def parse_reply(msg: Message, layout: Layout) -> ClientUpdate:
+    """Turn a client reply into a flat delta, or raise :class:`RejectedReply` saying why."""
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        raise RejectedReply(f"client {node} failed: {msg.error.reason}")
+    content = msg.content
+    if DELTA not in content.array_records or METRICS not in content.metric_records:
+        raise RejectedReply(f"client {node}: reply lacks '{DELTA}' or '{METRICS}' records")
+    arrays = content.array_records[DELTA]
+    names = list(arrays.keys())
+    if set(names) != set(layout.names):
+        missing = sorted(set(layout.names) - set(names))[:3]
+        extra = sorted(set(names) - set(layout.names))[:3]
+        raise RejectedReply(f"client {node}: parameter names do not match (missing {missing}, unexpected {extra})")
+    tensors = arrays.to_torch_state_dict()
+    for name, shape in zip(layout.names, layout.shapes):
+        if tuple(tensors[name].shape) != shape:
+            raise RejectedReply(f"client {node}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    flat = flatten(tensors, layout)
+    if not torch.isfinite(flat).all():
+        bad = int((~torch.isfinite(flat)).sum())
+        raise RejectedReply(f"client {node}: delta has {bad} NaN/Inf values")
+    metrics = dict(content.metric_records[METRICS])
+    num_examples = int(metrics.get(NUM_EXAMPLES, 0))
+    if num_examples <= 0:
+        raise RejectedReply(f"client {node}: reported {num_examples} examples")
+    return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()})
+
+
+def reject_outlier_norms(updates: list[ClientUpdate], ratio: float | None) -> tuple[list[ClientUpdate], list[str]]:
+    """Drop updates whose norm exceeds ``ratio`` x the median norm of the round (3+ updates)."""
+    if ratio is None or len(updates) < 3:
+        return updates, []
+    norms = torch.stack([torch.linalg.vector_norm(u.delta) for u in updates])
+    bound = float(norms.median()) * ratio
+    kept, reasons = [], []
+    for u, norm in zip(updates, norms.tolist()):
+        if norm > bound:
+            reasons.append(f"client {u.node_id}: delta norm {norm:.3g} > {ratio:g} x median {bound / ratio:.3g}")
+        else:
+            kept.append(u)
+    return kept, reasons

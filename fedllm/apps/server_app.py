@@ -1,0 +1,69 @@
+"""ServerApp: reads the experiment and runs it (:class:`fedllm.apps.federated_run.FederatedRun`).
+
+With ``flwr run`` the experiment comes from the run config (``experiment``, ``overrides``,
+``resume``); ``fedllm run`` and the Python API pass a validated config directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm.apps.federated_run import FederatedRun
+from fedllm.config import ConfigError, ExperimentConfig, load_config
+from fedllm.core.errors import DataError
+
+log = logging.getLogger("fedllm")
+APP_DIR = Path(__file__).resolve().parents[2]
+
+
+def resolve_experiment_path(path: str) -> Path | None:
+    """An experiment path as given, else relative to the app folder (where ``flwr run`` ships it)."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    for candidate in (p, APP_DIR / p):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(f.relative_to(APP_DIR).as_posix() for f in (APP_DIR / "experiments").glob("*.yaml"))
+    raise ConfigError(f"experiment file not found: {path} (looked in {Path.cwd()} and {APP_DIR}); "
+                      f"shipped experiments: {', '.join(shipped) or 'none'}")
+
+
+def config_from_run_config(run_config: dict) -> ExperimentConfig:
+    return load_config(resolve_experiment_path(str(run_config.get("experiment", ""))),
+                       str(run_config.get("overrides", "")) or None)
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
+                   resume: Path | None = None) -> Path:
+    """Run every round of ``cfg`` on the nodes of ``grid`` (continuing ``resume``); returns the results folder."""
+    return FederatedRun(grid, cfg, echo, resume).run()
+
+
+def make_server_app(cfg: ExperimentConfig | None = None, on_done: Callable[[Path], None] | None = None,
+                    resume: Path | None = None, echo: Callable[[str], None] = print) -> ServerApp:
+    """A ServerApp for ``cfg``; ``None`` reads the experiment (and ``resume``) from the run config
+    (``flwr run``). ``on_done`` receives the results folder of a finished run."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        resume_dir = resume or (Path(str(context.run_config["resume"])).expanduser()
+                                if context.run_config.get("resume") else None)
+        try:
+            run_dir = run_experiment(grid, cfg or config_from_run_config(context.run_config), echo, resume_dir)
+        except (ConfigError, DataError) as err:  # the user's input: one line that names it, then fail the run
+            log.error("fedllm: %s", err)
+            raise
+        if on_done is not None:
+            on_done(run_dir)
+
+    return server_app
+
+
+app = make_server_app()

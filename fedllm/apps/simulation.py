@@ -1,0 +1,75 @@
+"""Running experiments in this process through Flower's simulation engine (no SuperLink):
+one experiment (:func:`simulate`), or a set of them with a comparison (:func:`compare_experiments`).
+
+``fedllm run``, ``fedllm compare`` and the Python API (``fedllm.run_experiment``,
+``fedllm.compare``) all come here; ``flwr run .`` drives the same ServerApp and ClientApp.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedllm.config import ExperimentConfig
+from fedllm.core.errors import DataError
+
+
+def simulate(cfg: ExperimentConfig, clients: int, cpus_per_client: float = 1.0, resume: Path | None = None,
+             echo: Callable[[str], None] = print) -> Path:
+    """One run with ``clients`` simulated edge clients; returns its results folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from flwr.simulation import run_simulation
+
+    from fedllm.apps.client_app import app as client_app
+    from fedllm.apps.server_app import make_server_app
+    from fedllm.workloads import workload_for
+
+    workload_for(cfg).check_data(clients)  # data errors surface here, one line, before Ray starts or a folder is made
+    out: list[Path] = []
+    run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=echo),
+                   client_app=client_app,
+                   num_supernodes=clients,
+                   backend_config={"client_resources": {"num_cpus": cpus_per_client},
+                                   "init_args": {"num_cpus": os.cpu_count() or 1}})
+    if not out:
+        raise RuntimeError("the simulation ended without finishing the run (see the log above)")
+    return out[0]
+
+
+@dataclass
+class Comparison:
+    table: str  # markdown
+    plots: list[Path]
+    out: Path  # where table.md, table.csv and the plots are
+    runs: list[Path]  # the results folder of every run compared
+
+
+def compare_experiments(paths: list[Path], overrides: list[str] | None = None, clients: int = 4, rerun: bool = False,
+                        out: Path | None = None, target: float | None = None,
+                        echo: Callable[[str], None] = print) -> Comparison:
+    """Run every experiment (files, folders, sweep points) that has no finished results yet (found
+    again by config hash; ``rerun`` forces), then write the comparison table and plots."""
+    from fedllm.results.report import load_run, write_report
+    from fedllm.results.sweep import finished_run, plan
+
+    runs = plan(list(paths), overrides or [])
+    echo(f"fedllm compare: {len(runs)} runs")
+    folders = []
+    for i, planned in enumerate(runs, 1):
+        cached = None if rerun else finished_run(planned.config)
+        label = f"[{i}/{len(runs)}] {planned.source.name} {planned.overrides or ''}".rstrip()
+        if cached:
+            echo(f"{label}: cached ({cached})")
+            folders.append(cached)
+            continue
+        echo(f"{label}: running")
+        try:
+            folders.append(simulate(planned.config, planned.config.data.num_clients or clients, echo=echo))
+        except DataError as err:
+            raise DataError(f"{planned.source}: {err}") from None
+    out = out or Path("results") / "compare" / runs[0].config.digest()
+    unique = list(dict.fromkeys(folders))  # sweep points that resolve to the same config share one run
+    table, plots = write_report([load_run(f) for f in unique], out, target)
+    return Comparison(table, plots, out, unique)

@@ -1,0 +1,89 @@
+"""Rules that involve several sections of an experiment config (each section checks its own keys).
+
+Each rule is a function that raises ``ValueError`` with a message naming the keys and the fix;
+:class:`~fedllm.config.experiment.ExperimentConfig` runs them all after its sections validate.
+Rules ask the chosen plugins what they are (an averaging rule, a rule that needs labelled shots,
+a channel that delivers only a sum) instead of comparing names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedllm.config.experiment import ExperimentConfig
+
+
+def _rule(cfg: "ExperimentConfig"):
+    return cfg.strategy.registry().get(cfg.strategy.name)
+
+
+def _delivers_sum(cfg: "ExperimentConfig") -> bool:
+    return cfg.channel.registry().get(cfg.channel.kind).delivers_sum(cfg.channel.params())
+
+
+def rl_goes_with_the_rl_trainer(cfg: "ExperimentConfig") -> None:
+    if (cfg.rl is not None) != (cfg.client.trainer == "rl"):
+        raise ValueError("client.trainer 'rl' and an 'rl:' section go together (RL instruction tuning of a "
+                         "causal language model); set both or neither")
+    if cfg.rl is None:
+        return
+    if _rule(cfg).needs_labelled_shots or cfg.eval.fusion_metrics:
+        raise ValueError(f"RL instruction tuning has no labelled tasks: strategy {cfg.strategy.name!r} and "
+                         "eval.fusion_metrics do not apply; use fedavg, personalized or local_only")
+    if cfg.client.batch_size % cfg.rl.num_generations:
+        raise ValueError(f"client.batch_size {cfg.client.batch_size} must be a multiple of rl.num_generations "
+                         f"{cfg.rl.num_generations} (each step scores whole groups of completions)")
+    if cfg.strategy.server_lr == "auto":
+        raise ValueError("strategy.server_lr 'auto' picks a scale by validation accuracy, which RL instruction "
+                         "tuning has not; give a number")
+
+
+def dp_is_for_averaging(cfg: "ExperimentConfig") -> None:
+    if cfg.strategy.dp_clip_norm is not None and not _rule(cfg).averaging:
+        raise ValueError(f"strategy.dp_clip_norm (DP-FedAvg) replaces the fusion by a clipped noisy mean, so it "
+                         f"only goes with fedavg or personalized (averaging rules), not {cfg.strategy.name!r}")
+
+
+def only_local_only_sends_nothing(cfg: "ExperimentConfig") -> None:
+    if _rule(cfg).sends_nothing != (not cfg.peft.global_patterns):
+        raise ValueError("strategy 'local_only' goes with an empty peft.global_patterns (nothing is sent; "
+                         "put the trainable tensors in peft.local_patterns), and only it may send nothing")
+
+
+def frozen_layers_where_needed(cfg: "ExperimentConfig") -> None:
+    if _rule(cfg).needs_frozen_layers and not cfg.peft.frozen_patterns:
+        raise ValueError(f"strategy {cfg.strategy.name!r} fine-tunes with the sensitive layers frozen so they are "
+                         "never sent: set peft.frozen_patterns (e.g. [embeddings])")
+
+
+def personalisation_keeps_a_local_part(cfg: "ExperimentConfig") -> None:
+    if _rule(cfg).needs_local_part and not cfg.peft.local_patterns:
+        raise ValueError(f"strategy {cfg.strategy.name!r} keeps a personal part on every client: set "
+                         "peft.local_patterns (e.g. [lora_]), or use strategy.name: fedavg")
+
+
+def a_summed_uplink_needs_averaging(cfg: "ExperimentConfig") -> None:
+    if not _delivers_sum(cfg):
+        return
+    if not _rule(cfg).averaging:
+        raise ValueError(f"channel 'ota' delivers only the weighted sum, which strategy {cfg.strategy.name!r} "
+                         "cannot use; use strategy.name: fedavg or another channel")
+    if cfg.strategy.dp_clip_norm is not None:
+        raise ValueError("channel 'ota' superposes the clients' raw updates, so the server can neither clip them "
+                         "nor add DP noise per client: strategy.dp_clip_norm needs another channel")
+    if cfg.peft.fuse_lora_as == "weight_delta":
+        raise ValueError("channel 'ota' delivers only the sum of the LoRA factors, not each client's B @ A: "
+                         "peft.fuse_lora_as 'weight_delta' needs another channel (or fuse_lora_as: factors)")
+
+
+RULES: list[Callable[["ExperimentConfig"], None]] = [
+    rl_goes_with_the_rl_trainer, dp_is_for_averaging, only_local_only_sends_nothing, frozen_layers_where_needed,
+    personalisation_keeps_a_local_part, a_summed_uplink_needs_averaging,
+]
+
+
+def check(cfg: "ExperimentConfig") -> None:
+    for rule in RULES:
+        rule(cfg)

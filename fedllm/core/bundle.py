@@ -1,0 +1,46 @@
+"""A ready model and what a client needs to reset it between (virtual) clients.
+
+Both workloads (a classifier, a causal-LM policy) hand their model to trainers, fusion and
+evaluation as a :class:`ModelBundle`; :func:`forward_logits` is the classifier's forward pass
+with each example restricted to its own task's labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedllm.core.vectors import ParameterGroups, Tensors
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class ModelBundle:
+    model: torch.nn.Module
+    tokenizer: object
+    groups: ParameterGroups
+    initial_global: Tensors
+    initial_local: Tensors
+    device: torch.device
+
+
+def masked_logits(logits: torch.Tensor, tasks: torch.Tensor, label_ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Restrict each example to its own task's labels in the joint label space."""
+    mask = torch.full_like(logits, float("-inf"))
+    for t, (lo, hi) in enumerate(label_ranges):
+        rows = tasks == t
+        if rows.any():
+            mask[rows, lo:hi] = 0.0
+    return logits + mask
+
+
+def forward_logits(bundle: ModelBundle, model: torch.nn.Module, texts: list[str], tasks: list[int],
+                   label_ranges: list[tuple[int, int]], max_length: int) -> torch.Tensor:
+    enc = bundle.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = {k: v.to(bundle.device) for k, v in enc.items()}
+    logits = model(**enc).logits
+    return masked_logits(logits, torch.tensor(tasks, device=logits.device), label_ranges)

@@ -1,0 +1,48 @@
+"""The data types every layer shares: labelled examples, instructions, a checked client update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Examples:
+    """Labelled texts as parallel lists: text, joint label id, task index."""
+
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    tasks: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> "Examples":
+        return Examples([self.texts[i] for i in indices], [self.labels[i] for i in indices],
+                        [self.tasks[i] for i in indices])
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One prompt of instruction tuning."""
+
+    prompt: str  # the full prompt text the policy continues
+    reference: str  # the reference answer (content words)
+    responses: tuple[str, ...] = ()  # demonstration responses for supervised tuning (all styles)
+
+
+@dataclass
+class ClientUpdate:
+    """One client's checked reply: its flat delta in the server's layout, example count, metrics."""
+
+    node_id: int
+    delta: torch.Tensor  # flat, in the server's layout
+    num_examples: int
+    metrics: dict[str, float]
+
+    @property
+    def client_id(self) -> str:
+        """A name stable across runs: the data partition when known (node ids are drawn per run)."""
+        partition = self.metrics.get("partition")
+        return f"p{int(partition)}" if partition is not None else f"n{self.node_id}"

