@@ -81,6 +81,11 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
+def _content_words(text: str) -> set[str]:
+    """Lower-cased words without punctuation ("Paris." and "paris" are the same answer)."""
+    return set(re.findall(r"[\w']+", text.lower()))
+
+
 # --------------------------------------------------------------------------- rule rewards
 
 
@@ -103,7 +108,7 @@ def exact_answer_reward(_: RewardParams) -> RewardFn:
     """1 when every word of the reference answer appears in the completion, else 0."""
 
     def score(prompts, completions, references) -> list[float]:
-        return [float(bool(_words(r)) and set(_words(r.lower())) <= set(_words(c.lower())))
+        return [float(bool(_content_words(r)) and _content_words(r) <= _content_words(c))
                 for c, r in zip(completions, references)]
 
     return score

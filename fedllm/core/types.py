@@ -30,6 +30,7 @@ class Instruction:
     prompt: str  # the full prompt text the policy continues
     reference: str  # the reference answer (content words)
     responses: tuple[str, ...] = ()  # demonstration responses for supervised tuning (all styles)
+    question: str = ""  # the bare instruction, for a chat model's template ("": the prompt is final)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from fedllm.core.optional import check_installed
 
+
 class Tracker(Protocol):
     def log_round(self, record: dict[str, Any]) -> None: ...
 

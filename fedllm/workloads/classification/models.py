@@ -25,6 +25,7 @@ from transformers import logging as transformers_logging
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle, pick_device
 from fedllm.core.encoders import embed_texts
+from fedllm.core.model_store import resolve_model
 from fedllm.core.store import embedded_model_dir
 from fedllm.core.vectors import get_tensors, split_groups
 from fedllm.workloads.classification.heads import LabelEmbeddingClassifier
@@ -38,9 +39,14 @@ MINILM = "minilm"
 TINY_BERT = "tiny-bert"
 
 
+def model_source(name: str) -> str:
+    """What ``from_pretrained`` loads for ``model.name``: the embedded MiniLM's folder, the cached
+    folder of an embedded LLM or a .gguf file (fedllm/core/model_store.py), else the name itself."""
+    return str(embedded_model_dir()) if name in (MINILM, TINY_BERT) else resolve_model(name)
+
+
 def load_tokenizer(name: str):
-    source = str(embedded_model_dir()) if name in (MINILM, TINY_BERT) else name
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(model_source(name))
 
 
 def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
@@ -51,13 +57,12 @@ def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
 
 
 def _load(name: str, loader, **kwargs) -> torch.nn.Module:
-    source = str(embedded_model_dir()) if name == MINILM else name
     try:
-        return loader(source, **kwargs)
+        return loader(model_source(name), **kwargs)
     except OSError as exc:
         raise ValueError(
-            f"model.name {name!r}: cannot load it offline ({exc}); use 'minilm', 'tiny-bert', "
-            "a local folder with config.json + weights, or a Hugging Face id with the hub reachable"
+            f"model.name {name!r}: cannot load it offline ({exc}); use 'minilm', 'tiny-bert', 'smollm2-135m', "
+            "a .gguf file, a local folder with config.json + weights, or a Hugging Face id with the hub reachable"
         ) from None
 
 

@@ -23,7 +23,7 @@ from fedllm.workloads.instruction_rl.evaluation import (
     evaluate_policy,
     preferences_of,
 )
-from fedllm.workloads.instruction_rl.policy import build_policy, cached_policy
+from fedllm.workloads.instruction_rl.policy import build_policy, cached_policy, render_prompts
 
 
 def _policy_metrics(scores: PolicyScores) -> dict[str, float]:
@@ -55,7 +55,7 @@ class InstructionRL(Workload):
         if partition_id < 0:
             raise DataError("RL instruction tuning reads its prompts from rl.prompts; start the SuperNode with "
                             "--node-config 'partition-id=P num-partitions=N'")
-        return client_prompts(self.cfg, partition_id, num_partitions)
+        return render_prompts(client_prompts(self.cfg, partition_id, num_partitions), self.cached_model().tokenizer)
 
     def train_context(self, data: list[Instruction], partition_id: int, seed: int,
                       anchor: Tensors | None) -> TrainContext:

@@ -20,7 +20,7 @@ from fedllm.config import ExperimentConfig, RLSection
 from fedllm.core.bundle import ModelBundle
 from fedllm.core.errors import DataError
 from fedllm.workloads.instruction_rl.instructions import Instruction
-from fedllm.workloads.instruction_rl.policy import generate, kl_to_reference, prompts_for
+from fedllm.workloads.instruction_rl.policy import generate, kl_to_reference, prompts_for, render_prompts
 
 
 def client_prompts(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> list[Instruction]:
@@ -64,7 +64,7 @@ def evaluate_policy(bundle: ModelBundle, cfg: ExperimentConfig, preferences: lis
                     samples: int = 4) -> PolicyScores:
     rl = cfg.rl
     assert rl is not None
-    test = prompts_for(cfg, "test")
+    test = render_prompts(prompts_for(cfg, "test"), bundle.tokenizer)
     prompts, refs = [t.prompt for t in test], [t.reference for t in test]
     completions = generate(bundle, prompts, rl.max_new_tokens)
     scores = score_all(build_rewards(rl.rewards), prompts, completions, refs)

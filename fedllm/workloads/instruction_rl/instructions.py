@@ -56,7 +56,7 @@ def _questions() -> list[tuple[str, str]]:
 def embedded_instructions(seed: int = 0, test_fraction: float = 0.2) -> tuple[list[Instruction], list[Instruction]]:
     """(train, test) with disjoint questions; each question with every style as a demonstration."""
     items = [Instruction(PROMPT_TEMPLATE.format(question=q), a,
-                         tuple(style.format(answer=a) for style in STYLES.values())) for q, a in _questions()]
+                         tuple(style.format(answer=a) for style in STYLES.values()), question=q) for q, a in _questions()]
     random.Random(f"instructions-{seed}").shuffle(items)
     n_test = max(1, round(test_fraction * len(items)))
     return items[n_test:], items[:n_test]
@@ -89,7 +89,8 @@ def load_alpaca(path: str | Path) -> tuple[list[Instruction], list[Instruction]]
             try:
                 rec = json.loads(line)
                 question = rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else "")
-                rows.append(Instruction(PROMPT_TEMPLATE.format(question=question), rec["output"], (rec["output"],)))
+                rows.append(Instruction(PROMPT_TEMPLATE.format(question=question), rec["output"], (rec["output"],),
+                                        question=question))
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise DataError(f"{file}:{n}: not an Alpaca record with instruction/output ({exc})") from None
         splits.append(rows)
@@ -97,4 +98,12 @@ def load_alpaca(path: str | Path) -> tuple[list[Instruction], list[Instruction]]
 
 
 def load_instructions(source: str, seed: int) -> tuple[list[Instruction], list[Instruction]]:
-    return embedded_instructions(seed) if source == "embedded" else load_alpaca(source)
+    """``embedded`` (the tiny policy's templated set), ``embedded_chat`` (natural questions for a real
+    chat model, fedllm/workloads/instruction_rl/chat_instructions.py) or an Alpaca-style folder."""
+    if source == "embedded":
+        return embedded_instructions(seed)
+    if source == "embedded_chat":
+        from fedllm.workloads.instruction_rl.chat_instructions import embedded_chat_instructions
+
+        return embedded_chat_instructions(seed)
+    return load_alpaca(source)

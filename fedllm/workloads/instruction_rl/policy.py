@@ -16,12 +16,14 @@ import json
 import random
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle, pick_device
+from fedllm.core.model_store import resolve_model
 from fedllm.core.store import cache_root
 from fedllm.core.types import Instruction
 from fedllm.core.vectors import get_tensors, split_groups
@@ -118,13 +120,14 @@ def reference_policy(cfg: ExperimentConfig):
     if cfg.model.name == TINY_GPT2:
         model, tokenizer = _tiny_reference(cfg)
     else:
+        source = resolve_model(cfg.model.name)  # embedded (smollm2-135m) and .gguf models: a cached folder
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name)
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
+            model = AutoModelForCausalLM.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
         except OSError as exc:
             raise ValueError(f"model.name {cfg.model.name!r}: cannot load a causal LM offline ({exc}); use "
-                             f"'{TINY_GPT2}', a local folder with config.json + weights + tokenizer, or a Hugging "
-                             "Face id with the hub reachable") from None
+                             f"'{TINY_GPT2}', 'smollm2-135m', a .gguf file, a local folder with config.json + "
+                             "weights + tokenizer, or a Hugging Face id with the hub reachable") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues the prompt
@@ -184,8 +187,9 @@ def kl_to_reference(bundle: ModelBundle, prompts: list[str], completions: list[s
     the policy with its LoRA switched off. Right padding, so positions match an unpadded pass."""
     model, tokenizer = bundle.model, bundle.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    joiner = "" if getattr(tokenizer, "chat_template", None) else " "  # a chat prompt ends by opening the answer
     try:
-        enc = tokenizer([f"{p} {c}" for p, c in zip(prompts, completions)], return_tensors="pt",
+        enc = tokenizer([f"{p}{joiner}{c}" for p, c in zip(prompts, completions)], return_tensors="pt",
                         padding=True).to(bundle.device)
     finally:
         tokenizer.padding_side = side
@@ -202,6 +206,16 @@ def kl_to_reference(bundle: ModelBundle, prompts: list[str], completions: list[s
     with model.disable_adapter():
         ref = token_logps()
     return float(((policy - ref) * mask).sum(-1).mean())
+
+
+def render_prompts(items: list[Instruction], tokenizer) -> list[Instruction]:
+    """Prompts as the policy reads them: a chat model's own template around the bare question (one
+    user turn, the assistant's turn opened); a policy without a chat template reads them as written."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return items
+    return [replace(it, prompt=tokenizer.apply_chat_template([{"role": "user", "content": it.question or it.prompt}],
+                                                             tokenize=False, add_generation_prompt=True))
+            for it in items]
 
 
 def prompts_for(cfg: ExperimentConfig, split: str) -> list[Instruction]:
