@@ -9,6 +9,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from fedllm.config import rules
 from fedllm.config.sections import (
+    DEFAULT_GLOBAL_PATTERNS,
     ChannelSection,
     ClientSection,
     DataSection,
@@ -50,13 +51,19 @@ class ExperimentConfig(_Section):
         """Short hash of what decides a run's results: same config, same hash. Tracking is a view
         of the results, so it is left out, as are an unset ``rl`` and the default
         ``peft.fuse_lora_as`` (runs made before those keys existed keep their hash, so their cached
-        results stay found)."""
+        results stay found); so do the widened defaults of ``peft.adapter_targets`` and
+        ``peft.global_patterns`` (for BERT they select exactly what the old ones did)."""
         data = self.model_dump(mode="json")
         data["output"].pop("tracking", None)
         if data.get("rl") is None:
             data.pop("rl", None)
         if data["peft"].get("fuse_lora_as") == "factors":  # the default, as before the key existed
             data["peft"].pop("fuse_lora_as")
+        # defaults widened for decoder models hash as the defaults they replace did, for the same runs
+        if data["peft"]["adapter_targets"] is None:
+            data["peft"]["adapter_targets"] = ["output.dense"]
+        if data["peft"]["global_patterns"] == list(DEFAULT_GLOBAL_PATTERNS):
+            data["peft"]["global_patterns"] = ["lora_", "adapter_", "classifier"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:

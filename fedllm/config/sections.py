@@ -26,6 +26,9 @@ from fedllm.core.faults import FaultSpec
 from fedllm.core.optional import check_installed
 from fedllm.core.registry import Registry
 
+# the classification head is `classifier` in encoders (BERT) and `score` in decoders (Llama, GPT-2)
+DEFAULT_GLOBAL_PATTERNS = ("lora_", "adapter_", "classifier", "score")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -80,11 +83,13 @@ class PeftSection(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
     adapter_size: PositiveInt | None = Field(None, description="bottleneck width of Houlsby adapters; None: no adapters")
-    adapter_targets: list[str] = Field(default_factory=lambda: ["output.dense"])
+    # Linear layers the adapters wrap; None: the architecture's attention-output and feed-forward-output
+    # projections (Houlsby's placement; fedllm/workloads/adapters.py knows BERT and Llama-family names).
+    adapter_targets: list[str] | None = None
     # Parameter groups by name pattern (substring, or glob if it has * ? [): trainable
     # tensors matching `global_patterns` are sent and aggregated, those matching
     # `local_patterns` stay on the client; every other tensor is frozen.
-    global_patterns: list[str] = Field(default_factory=lambda: ["lora_", "adapter_", "classifier"])
+    global_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_GLOBAL_PATTERNS))
     local_patterns: list[str] = Field(default_factory=list)
     # Tensors that never train, hence are never sent (R-MTLLMF freezes the embeddings: "embeddings").
     frozen_patterns: list[str] = Field(default_factory=list)

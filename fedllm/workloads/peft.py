@@ -10,7 +10,13 @@ import torch
 
 from fedllm.config import ExperimentConfig
 from fedllm.core.vectors import matches
-from fedllm.workloads.adapters import add_adapters
+from fedllm.workloads.adapters import add_adapters, linear_layer_names, linear_layers, model_type
+
+HEADS = ("classifier", "score")  # the classification head: BERT's `classifier`, a decoder's `score`
+
+
+def is_head(name: str) -> bool:
+    return any(part in HEADS for part in name.split("."))
 
 
 def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int, causal_lm: bool = False) -> torch.nn.Module:
@@ -26,13 +32,16 @@ def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int, causal_l
             r=cfg.peft.r,
             lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
         )
+        if not any(matches(name, cfg.peft.target_modules) for name in linear_layers(model)):
+            raise ValueError(f"peft.target_modules {cfg.peft.target_modules} match no linear layer of this "
+                             f"{model_type(model)!r} model; its linear layers: {', '.join(linear_layer_names(model))}")
         try:
             model = get_peft_model(model, lora)  # freezes all but LoRA and the head
         except ValueError as exc:
             raise ValueError(f"peft.target_modules {cfg.peft.target_modules}: {exc}") from None
     elif cfg.peft.method == "none":
         for name, param in model.named_parameters():
-            param.requires_grad_("classifier" in name)
+            param.requires_grad_(is_head(name))
     for name, param in model.named_parameters():
         if "adapter_down" in name or "adapter_up" in name:
             param.requires_grad_(True)

@@ -46,7 +46,10 @@ def model_source(name: str) -> str:
 
 
 def load_tokenizer(name: str):
-    return AutoTokenizer.from_pretrained(model_source(name))
+    tokenizer = AutoTokenizer.from_pretrained(model_source(name))
+    if tokenizer.pad_token is None:  # decoder LMs often have none; batches need one (masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
@@ -71,7 +74,10 @@ def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     if name == TINY_BERT:
         return BertForSequenceClassification(tiny_bert_config(load_tokenizer(name).vocab_size, num_labels))
-    return _load(name, AutoModelForSequenceClassification.from_pretrained, num_labels=num_labels)
+    model = _load(name, AutoModelForSequenceClassification.from_pretrained, num_labels=num_labels)
+    if model.config.pad_token_id is None:  # a decoder classifies from its last non-pad token: it must know pad
+        model.config.pad_token_id = load_tokenizer(name).pad_token_id
+    return model
 
 
 def build_label_embedding_model(cfg: ExperimentConfig, label_names: list[str], seed: int) -> torch.nn.Module:

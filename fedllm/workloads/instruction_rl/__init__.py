@@ -66,9 +66,11 @@ class InstructionRL(Workload):
 
     def evaluate_client(self, bundle: ModelBundle, data: list[Instruction], partition_id: int, num_partitions: int,
                         node_config: Mapping[str, Any]) -> ClientEvaluation:
-        """This client's policy under every client's preference: its row of the preference matrix."""
-        scores = evaluate_policy(bundle, self.cfg, preferences_of(self.cfg, num_partitions), samples=0)
-        return ClientEvaluation({"reward": scores.per_preference[partition_id], **_policy_metrics(scores)}, len(data))
+        """This client's policy under every client's preference: its row of the preference matrix (no KL:
+        the round's record keeps the global policy's, and it would cost a second generation pass)."""
+        scores = evaluate_policy(bundle, self.cfg, preferences_of(self.cfg, num_partitions), samples=0, with_kl=False)
+        metrics = {k: v for k, v in _policy_metrics(scores).items() if k != "kl"}
+        return ClientEvaluation({"reward": scores.per_preference[partition_id], **metrics}, len(data))
 
     # ---------------------------------------------------------------- server side
     def evaluate(self, bundle: ModelBundle, params: Tensors, num_clients: int) -> Evaluation:

@@ -61,7 +61,9 @@ class PolicyScores:
 
 
 def evaluate_policy(bundle: ModelBundle, cfg: ExperimentConfig, preferences: list[dict[str, float]],
-                    samples: int = 4) -> PolicyScores:
+                    samples: int = 4, with_kl: bool = True) -> PolicyScores:
+    """Greedy completions of the test prompts scored by every reward and mixed under every preference;
+    ``with_kl``: also the KL to the reference on sampled completions (a second generation pass)."""
     rl = cfg.rl
     assert rl is not None
     test = render_prompts(prompts_for(cfg, "test"), bundle.tokenizer)
@@ -69,11 +71,14 @@ def evaluate_policy(bundle: ModelBundle, cfg: ExperimentConfig, preferences: lis
     completions = generate(bundle, prompts, rl.max_new_tokens)
     scores = score_all(build_rewards(rl.rewards), prompts, completions, refs)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
-    sampled = generate(bundle, prompts, rl.max_new_tokens, sample=True, temperature=rl.temperature, seed=cfg.seed)
+    kl = float("nan")
+    if with_kl:
+        sampled = generate(bundle, prompts, rl.max_new_tokens, sample=True, temperature=rl.temperature, seed=cfg.seed)
+        kl = kl_to_reference(bundle, prompts, sampled)
     return PolicyScores(
         per_reward={k: mean(v) for k, v in scores.items()},
         per_preference=[mean(mix(scores, pref, normalise=False)) for pref in preferences],
-        kl=kl_to_reference(bundle, prompts, sampled),
+        kl=kl,
         samples=[{"prompt": p, "completion": c, "reference": r} for p, c, r in
                  zip(prompts[:samples], completions[:samples], refs[:samples])],
     )
