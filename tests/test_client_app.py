@@ -101,3 +101,18 @@ def test_a_device_trains_on_its_own_data_file(tmp_path):
     none = Context(run_id=1, node_id=79, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="lacks 'partition-id' or 'data-path'"):
         train_round(round_content(server.initial_global, cfg.to_json(), 1, 0), none)
+
+
+def test_the_sample_depends_on_partitions_not_on_node_ids():
+    import random
+
+    from fedllm.apps.sampling import sample_clients
+
+    strategy = load_config(None, "strategy.fraction_train=0.5").strategy
+    first = {101: "p0", 7: "p1", 55: "p2", 9: "p3"}
+    second = {3: "p0", 999: "p1", 12: "p2", 40: "p3"}  # the same partitions behind other node ids
+    picks = [[ids[n] for n in sample_clients(strategy, ids, random.Random(5))] for ids in (first, second)]
+    assert picks[0] == picks[1] and len(picks[0]) == 2
+    poisson = load_config(None, "strategy.fraction_train=0.5 strategy.sampling=poisson").strategy
+    draws = [sample_clients(poisson, first, random.Random(s)) for s in range(200)]
+    assert 1.6 < sum(map(len, draws)) / 200 < 2.4 and {len(d) for d in draws} >= {0, 1, 2, 3}  # Binomial(4, 0.5)

@@ -126,3 +126,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return Message(evaluate_round(msg.content, context), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this client is across runs: its data partition (a device with its own data has none)."""
+    pid = context.node_config.get("partition-id")
+    facts = {"partition": int(pid)} if pid is not None else {}
+    return Message(RecordDict({METRICS: MetricRecord(facts)}), reply_to=msg)

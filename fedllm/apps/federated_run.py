@@ -15,10 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message, MessageType
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm.apps.console import done_line, round_line, start_line
+from fedllm.apps.sampling import sample_clients
 from fedllm.apps.payload import METRICS, RejectedReply, parse_reply, reject_outlier_norms, round_content
 from fedllm.config import ConfigError, ExperimentConfig
 from fedllm.core.types import ClientUpdate
@@ -73,6 +74,8 @@ class FederatedRun:
         self.config_json = cfg.to_json()
         self.totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "elapsed": 0.0}
         self.next_round = 1
+        self.identities: dict[int, str] = {}  # node id -> run-stable identity ("p3", or "n<node id>")
+        self.stopped: str | None = None  # why the run ended before its last round, if it did
         self.writer = ResultsWriter(cfg, resume_dir=resume)
         if resume is not None:
             self._restore(resume)
@@ -117,13 +120,26 @@ class FederatedRun:
             per_client[name] = metrics
         return self.workload.summarize_clients(per_client)
 
+    def identify(self, nodes: list[int]) -> None:
+        """Ask nodes not seen before who they are (their data partition), once (fedllm/apps/sampling.py)."""
+        unknown = [n for n in nodes if n not in self.identities]
+        if not unknown:
+            return
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout):
+            node = reply.metadata.src_node_id
+            facts = {} if reply.has_error() else dict(reply.content.metric_records.get(METRICS, {}))
+            self.identities[node] = f"p{int(facts['partition'])}" if "partition" in facts else f"n{node}"
+        for node in unknown:  # no answer: known by its node id
+            self.identities.setdefault(node, f"n{node}")
+
     def collect(self, rnd: int) -> tuple[list[int], int, list[ClientUpdate], list[str], list[int]]:
         """Sample clients, send the global group, and check every reply: (sampled nodes, number of
         replies, usable updates, rejection reasons, nodes that never replied)."""
         strategy = self.cfg.strategy
         nodes = wait_for_nodes(self.grid, strategy.min_clients)
-        k = max(strategy.min_clients, round(strategy.fraction_train * len(nodes)))
-        sampled = sorted(self.rng.sample(nodes, min(k, len(nodes))))
+        self.identify(nodes)
+        sampled = sample_clients(strategy, {n: self.identities[n] for n in nodes}, self.rng)
         content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0)
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
         updates, rejected, replied = [], [], []
@@ -135,7 +151,7 @@ class FederatedRun:
                 updates.append(parse_reply(reply, self.pipeline.layout))
             except RejectedReply as why:
                 rejected.append(str(why))
-        updates, outliers = reject_outlier_norms(updates, strategy.reject_norm_ratio)
+        updates, outliers = reject_outlier_norms(updates, self.pipeline.outlier_ratio)
         for why in rejected + outliers:
             log.warning("round %d: rejected reply: %s", rnd, why)
         missing = sorted(set(sampled) - set(replied))
@@ -146,14 +162,15 @@ class FederatedRun:
 
     def round_update(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         """The fusion pipeline on this round's usable updates; returns what to record of it."""
-        self.global_params, record = self.pipeline(self.global_params, updates, self.cfg.seed + rnd)
+        self.global_params, record = self.pipeline(self.global_params, updates, self.cfg.seed + rnd,
+                                                   population=len(self.identities))
         return {**record, **training_record(updates)}
 
     def round(self, rnd: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.monotonic()
         sampled, replied, updates, rejected, missing = self.collect(rnd)
         record: dict[str, Any] = {
-            "round": rnd, "clients_sampled": len(sampled), "clients_replied": replied, "clients_used": len(updates),
+            "round": rnd, "clients_sampled": len(sampled), "sampled": [self.identities[n] for n in sampled], "clients_replied": replied, "clients_used": len(updates),
             "clients_missing": len(missing), "missing_nodes": missing, "rejected": rejected,
             "bytes_up": self.payload_bytes * replied, "bytes_down": self.down_bytes * len(sampled),
             "bytes_up_per_client": self.payload_bytes}
@@ -183,7 +200,8 @@ class FederatedRun:
                    if k in final},
                 "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
                 "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
-                "config_digest": self.cfg.digest(), "server_peak_rss_mb": peak_rss_mb()}
+                "config_digest": self.cfg.digest(), "server_peak_rss_mb": peak_rss_mb(),
+                **({"stopped_early": self.stopped} if self.stopped else {})}
 
     def run(self) -> Path:
         cfg, m = self.cfg, self.workload.metric
@@ -196,6 +214,11 @@ class FederatedRun:
             save_checkpoint(self.writer.dir, self._state())
         start = time.monotonic() - self.totals["elapsed"]
         for rnd in range(self.next_round, cfg.rounds + 1):
+            if self.pipeline.exceeds_privacy_budget():  # stop cleanly: the last checkpoint stays
+                self.stopped = (f"stopped before round {rnd}: it would take epsilon above strategy.dp_target_epsilon="
+                                f"{cfg.strategy.dp_target_epsilon:g}")
+                self.echo(f"fedllm: {self.stopped}")
+                break
             record = self.round(rnd)
             self.totals["elapsed"] = record["wall_time"] = time.monotonic() - start
             self.writer.log_round(record)

@@ -59,6 +59,9 @@ class ExperimentConfig(_Section):
             data.pop("rl", None)
         if data["peft"].get("fuse_lora_as") == "factors":  # the default, as before the key existed
             data["peft"].pop("fuse_lora_as")
+        for key, default in (("sampling", "fixed"), ("dp_target_epsilon", None)):  # keys added later: as before
+            if data["strategy"].get(key) == default:
+                data["strategy"].pop(key)
         # defaults widened for decoder models hash as the defaults they replace did, for the same runs
         if data["peft"]["adapter_targets"] is None:
             data["peft"]["adapter_targets"] = ["output.dense"]

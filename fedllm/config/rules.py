@@ -46,6 +46,16 @@ def dp_is_for_averaging(cfg: "ExperimentConfig") -> None:
                          f"only goes with fedavg or personalized (averaging rules), not {cfg.strategy.name!r}")
 
 
+def amplification_needs_poisson_sampling(cfg: "ExperimentConfig") -> None:
+    strategy = cfg.strategy
+    if strategy.dp_clip_norm is not None and strategy.fraction_train < 1 and strategy.sampling != "poisson":
+        raise ValueError("strategy.dp_clip_norm with fraction_train < 1 needs strategy.sampling: poisson (the "
+                         "accountant's sub-sampling amplification assumes each client is picked independently "
+                         "with probability fraction_train)")
+    if strategy.dp_target_epsilon is not None and strategy.dp_clip_norm is None:
+        raise ValueError("strategy.dp_target_epsilon is a privacy budget: set strategy.dp_clip_norm (DP) too")
+
+
 def only_local_only_sends_nothing(cfg: "ExperimentConfig") -> None:
     if _rule(cfg).sends_nothing != (not cfg.peft.global_patterns):
         raise ValueError("strategy 'local_only' goes with an empty peft.global_patterns (nothing is sent; "
@@ -79,7 +89,7 @@ def a_summed_uplink_needs_averaging(cfg: "ExperimentConfig") -> None:
 
 
 RULES: list[Callable[["ExperimentConfig"], None]] = [
-    rl_goes_with_the_rl_trainer, dp_is_for_averaging, only_local_only_sends_nothing, frozen_layers_where_needed,
+    rl_goes_with_the_rl_trainer, dp_is_for_averaging, amplification_needs_poisson_sampling, only_local_only_sends_nothing, frozen_layers_where_needed,
     personalisation_keeps_a_local_part, a_summed_uplink_needs_averaging,
 ]
 

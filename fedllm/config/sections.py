@@ -184,6 +184,9 @@ class StrategySection(NamedSection):
     section = "strategy"
     name: str = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    # fixed: round(fraction_train x N) clients a round; poisson: each with probability fraction_train
+    # (what DP's sub-sampling amplification assumes); see fedllm/apps/sampling.py
+    sampling: Literal["fixed", "poisson"] = "fixed"
     min_clients: PositiveInt = 1
     # Scale of the fused delta: global += server_lr * fused (lambda of task arithmetic); "auto"
     # picks the value of lr_grid with the best validation accuracy, each round (a 0 in the grid
@@ -200,6 +203,8 @@ class StrategySection(NamedSection):
     dp_clip_norm: PositiveFloat | None = None
     dp_noise_multiplier: float = Field(1.0, ge=0.0)
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # Stop the run (cleanly, checkpoint kept) before a round that would spend more than this epsilon.
+    dp_target_epsilon: PositiveFloat | None = None
 
     @staticmethod
     def registry() -> Registry:

@@ -25,7 +25,7 @@ from fedllm.core.bundle import ModelBundle
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, unflatten
 from fedllm.fusion.lora_products import LoraProducts
-from fedllm.fusion.privacy import DifferentiallyPrivate
+from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
 from fedllm.strategies import FusionRule, build_rule
 from fedllm.workloads import Workload
 
@@ -114,8 +114,21 @@ class FusionPipeline:
         self.rule: FusionRule = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
         self.rule.check(bundle)
         strategy = cfg.strategy
-        self.dp = (DifferentiallyPrivate(self.rule, strategy.dp_clip_norm, strategy.dp_noise_multiplier,
-                                         strategy.dp_delta, cfg.seed + 17) if strategy.dp_clip_norm is not None else None)
+        self.dp = (DifferentiallyPrivate(self.rule, strategy.dp_clip_norm, strategy.dp_noise_multiplier, cfg.seed + 17)
+                   if strategy.dp_clip_norm is not None else None)
+        self.ledger = (PrivacyLedger(strategy.dp_noise_multiplier, strategy.dp_delta, strategy.fraction_train)
+                       if self.dp is not None else None)
+
+    @property
+    def outlier_ratio(self) -> float | None:
+        """The reply checks' norm-outlier ratio; none under DP, where clipping bounds every update and a
+        filter comparing clients would break the one-client sensitivity (fedllm/fusion/privacy.py)."""
+        return None if self.dp is not None else self.cfg.strategy.reject_norm_ratio
+
+    def exceeds_privacy_budget(self) -> bool:
+        """True when the next round would spend more than ``strategy.dp_target_epsilon``."""
+        target = self.cfg.strategy.dp_target_epsilon
+        return self.ledger is not None and target is not None and self.ledger.would_exceed(target)
 
     def initial_global(self) -> Tensors:
         """The global state the server starts from and sends: the transmitted group, plus the base
@@ -163,11 +176,15 @@ class FusionPipeline:
         return merged, {**record, **hook_record}
 
     # ---------------------------------------------------------------- a server round
-    def __call__(self, global_params: Tensors, updates: list[ClientUpdate], seed: int) -> tuple[Tensors, dict[str, Any]]:
-        """The round's new global parameters and its record."""
+    def __call__(self, global_params: Tensors, updates: list[ClientUpdate], seed: int,
+                 population: int | None = None) -> tuple[Tensors, dict[str, Any]]:
+        """The round's new global parameters and its record; ``population``: the clients sampling draws
+        from (DP divides by the expected cohort, fraction_train x population)."""
+        if self.dp is not None:
+            self.dp.expected_cohort = self.cfg.strategy.fraction_train * population if population else None
         fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space)
-        if self.dp is not None and fused is not None:
-            record["dp_epsilon"] = self.dp.epsilon()
+        if self.ledger is not None and fused is not None:
+            record["dp_epsilon"] = self.ledger.spend()
         merged, merge_record = self.merge(global_params, fused, seed)
         record.update(merge_record)
         if self.cfg.eval.fusion_metrics:  # each task's own model from its clean (pre-channel) task vector
@@ -181,12 +198,12 @@ class FusionPipeline:
     def state(self) -> dict[str, Any]:
         return {"channel_rng": self.channel.generator.get_state(), "rule_rng": self.rule.generator.get_state(),
                 "dp_rng": self.dp.generator.get_state() if self.dp else None,
-                "dp_rounds": self.dp.rounds if self.dp else 0}
+                "dp_rounds": self.ledger.rounds if self.ledger else 0}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.channel.generator.set_state(state["channel_rng"])
         self.rule.generator.set_state(state["rule_rng"])
         if self.dp is not None and state.get("dp_rng") is not None:
             self.dp.generator.set_state(state["dp_rng"])
-            # checkpoints made before the pipeline kept the count held it in the run's totals
-            self.dp.rounds = state.get("dp_rounds", state.get("totals", {}).get("dp_rounds", 0))
+        if self.ledger is not None:  # checkpoints made before the ledger kept the count in the run's totals
+            self.ledger.rounds = state.get("dp_rounds", state.get("totals", {}).get("dp_rounds", 0))

@@ -1,12 +1,18 @@
 """Central (user-level) differential privacy for federated averaging: DP-FedAvg.
 
-Following McMahan et al. (ICLR 2018): the server clips every client update to L2 norm C,
-averages them uniformly and adds Gaussian noise N(0, (sigma C / n)^2) per coordinate. Adding or
-removing one client changes the clipped sum by at most C, so each round is a Gaussian mechanism
-with noise multiplier sigma. The privacy spent over T rounds is accounted with Renyi DP:
-eps_RDP(alpha) = T alpha / (2 sigma^2), converted to (eps, delta)-DP by
-eps = min_alpha eps_RDP(alpha) + log(1/delta) / (alpha - 1). Sub-sampling amplification is not
-counted, so the reported epsilon is an upper bound.
+Following McMahan et al. (ICLR 2018): the server clips every received update to L2 norm C before
+anything else looks at the updates, sums them, divides by the *expected* cohort m = q N (fixed: not
+the number that arrived, so no client's presence changes the scale) and adds Gaussian noise
+N(0, (sigma C / m)^2) per coordinate. Adding or removing one client changes the clipped sum by at
+most C, so each round is a Gaussian mechanism with noise multiplier sigma applied to a Poisson
+sample of rate q = ``strategy.fraction_train`` (``strategy.sampling: poisson``; with q = 1 every
+client takes part and there is no amplification). Under DP the server's norm-outlier filter is
+off (fedllm/apps/payload.py): it compares clients with each other, so one client's update could
+decide whether others are used, and the one-client bound would no longer hold.
+
+The privacy spent is accounted with Renyi DP by Google's ``dp-accounting`` (the backend of
+Flower's own accountant), with the sub-sampling amplification of the Poisson-sampled Gaussian;
+tests check it against opacus's independent implementation.
 """
 
 from __future__ import annotations
@@ -25,37 +31,56 @@ def clip_rows(deltas: torch.Tensor, clip_norm: float) -> torch.Tensor:
 
 
 class DifferentiallyPrivate(FusionRule):
-    """An averaging rule made private: clip every row to ``clip_norm``, fuse the clipped rows with
-    uniform weights (each client counts once: the sensitivity argument is per client, not per
-    example), add Gaussian noise of std ``noise_multiplier * clip_norm / n``."""
+    """An averaging rule made private: clip every row to ``clip_norm``, take the inner rule's mean with
+    uniform weights (each client counts once: the sensitivity is per client, not per example),
+    rescale it to the fixed denominator ``expected_cohort`` and add Gaussian noise of std
+    ``noise_multiplier * clip_norm / expected_cohort``."""
 
     averaging = True
 
-    def __init__(self, inner: FusionRule, clip_norm: float, noise_multiplier: float, delta: float, seed: int) -> None:
+    def __init__(self, inner: FusionRule, clip_norm: float, noise_multiplier: float, seed: int) -> None:
         super().__init__(inner.params, seed)
         if not inner.averaging:
             raise ValueError(f"differential privacy wraps an averaging rule, not {type(inner).__name__}")
-        self.inner, self.clip_norm, self.noise_multiplier, self.delta = inner, clip_norm, noise_multiplier, delta
-        self.rounds = 0  # mechanisms run so far, for the accountant
-
-    def epsilon(self) -> float:
-        """The epsilon spent so far at ``delta``."""
-        return gaussian_epsilon(self.rounds, self.noise_multiplier, self.delta)
+        self.inner, self.clip_norm, self.noise_multiplier = inner, clip_norm, noise_multiplier
+        self.expected_cohort: float | None = None  # q N, set by the server each round; None: the rows' count
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = deltas.shape[0]
+        m = self.expected_cohort or n
+        total = self.inner(clip_rows(deltas, self.clip_norm), torch.ones(n)) * n  # the sum of the clipped rows
+        if self.noise_multiplier > 0:
+            total = total + torch.randn(total.shape, generator=self.generator) * (self.noise_multiplier * self.clip_norm)
+        return total / m
+
+
+class PrivacyLedger:
+    """The epsilon spent by a run's DP rounds (RDP accountant of ``dp-accounting``)."""
+
+    def __init__(self, noise_multiplier: float, delta: float, sampling_rate: float) -> None:
+        self.noise_multiplier, self.delta, self.sampling_rate = noise_multiplier, delta, sampling_rate
+        self.rounds = 0
+
+    def epsilon(self, rounds: int | None = None) -> float:
+        """Epsilon at ``delta`` after ``rounds`` (default: the rounds spent so far)."""
+        rounds = self.rounds if rounds is None else rounds
+        if rounds == 0:
+            return 0.0
+        if self.noise_multiplier <= 0:
+            return math.inf
+        from dp_accounting import dp_event, rdp
+
+        accountant = rdp.RdpAccountant()  # add or remove one client
+        event = dp_event.GaussianDpEvent(self.noise_multiplier)
+        if self.sampling_rate < 1.0:
+            event = dp_event.PoissonSampledDpEvent(self.sampling_rate, event)
+        accountant.compose(event, rounds)
+        return float(accountant.get_epsilon(self.delta))
+
+    def would_exceed(self, target: float) -> bool:
+        """True when one more round would take the spent epsilon above ``target``."""
+        return self.epsilon(self.rounds + 1) > target
+
+    def spend(self) -> float:
         self.rounds += 1
-        mean = self.inner(clip_rows(deltas, self.clip_norm), torch.ones(n))
-        if self.noise_multiplier == 0:
-            return mean
-        return mean + torch.randn(mean.shape, generator=self.generator) * (self.noise_multiplier * self.clip_norm / n)
-
-
-def gaussian_epsilon(rounds: int, noise_multiplier: float, delta: float) -> float:
-    """(eps, delta) after ``rounds`` Gaussian mechanisms of the given noise multiplier (RDP accountant)."""
-    if rounds == 0:
-        return 0.0
-    if noise_multiplier <= 0:
-        return math.inf
-    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 257))
-    return min(rounds * a / (2 * noise_multiplier**2) + math.log(1 / delta) / (a - 1) for a in orders)
+        return self.epsilon()
