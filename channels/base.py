@@ -55,6 +55,7 @@ class ChannelReport:
         }
         if self.symbols is not None:
             out["channel_symbols"] = float(self.symbols.sum())
+        out.update({f"channel_{k}": float(v) for k, v in self.extra.items() if isinstance(v, (int, float))})
         return out
 
 
