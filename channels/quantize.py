@@ -19,7 +19,9 @@ from .base import CHANNELS, Channel, ChannelParams, ChannelReport, ClientMeta, c
 
 
 class QuantizeParams(ChannelParams):
-    bits: int = Field(8, ge=1, le=32, description="bits per value")
+    # at most 24: float32 has a 24-bit significand, so finer levels would be rounded away by the
+    # arithmetic itself and the stochastic rounding would no longer be unbiased
+    bits: int = Field(8, ge=1, le=24, description="bits per value")
     topk: float = Field(1.0, gt=0.0, le=1.0, description="fraction of values kept (1.0: dense)")
     topk_exact: bool = Field(False, description="exact k-th magnitude threshold instead of a sampled estimate")
 

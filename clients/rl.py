@@ -58,7 +58,7 @@ def train_rl(bundle: ModelBundle, examples: list[Instruction], ctx: TrainContext
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=section.batch_size, num_generations=rl.num_generations,
             max_completion_length=rl.max_new_tokens, temperature=rl.temperature, beta=rl.beta,
-            learning_rate=section.lr, weight_decay=section.weight_decay, max_steps=section.max_steps or 10,
+            learning_rate=section.lr, weight_decay=section.weight_decay, max_steps=section.max_steps,
             lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(), seed=ctx.seed, data_seed=ctx.seed, bf16=False, fp16=False,
             top_k=0,

@@ -88,3 +88,16 @@ def test_uplink_to_reach_a_target_uses_the_personalised_score_when_clients_evalu
     assert rows[0]["target_key"] == "personalized_accuracy" and rows[0]["bytes_to_target"] == 200
     assert "uplink MB to 0.8 |" in markdown_table(rows, target=0.8)
     assert summarise([run], target=0.95)[0]["bytes_to_target"] != summarise([run], target=0.95)[0]["bytes_to_target"]
+
+
+def test_a_run_whose_config_no_longer_validates_is_reported_with_a_warning(tmp_path):
+    import json
+
+    from fedllm.results.report import load_run
+
+    (tmp_path / "config.yaml").write_text("strategy: {name: fedavg}\nchannel: {kind: ideal}\nclient: {lrate: 1}\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 0, "accuracy": 0.5}) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+    with pytest.warns(UserWarning, match="client.lrate: unknown key"):
+        run = load_run(tmp_path)
+    assert run.config["client"] == {"lrate": 1} and run.label == "fedavg-ideal"

@@ -44,14 +44,26 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean():
 
 
 def test_dare_rescaling_keeps_the_expectation():
-    deltas = torch.randn(3, 200_000, generator=torch.Generator().manual_seed(0))
+    """E[DARE] = the plain sum: deltas with a non-zero mean make the rescale visible (no rescale gives
+    0.2 x the sum, 1 / (1 - p)^2 gives 5 x)."""
+    g = torch.Generator().manual_seed(0)
+    deltas = 1.0 + torch.randn(3, 200_000, generator=g)
     rule = build_rule("dare", {"p": 0.8}, seed=1)
     fused = rule(deltas, torch.ones(3))
     assert abs(float((fused != 0).float().mean()) - (1 - 0.8**3)) < 0.01
-    expected = deltas.sum(0)
-    # Unbiased: the error is zero-mean noise; its mean over 200k coordinates is near 0.
-    assert abs(float((fused - expected).mean())) < 0.02
-    assert torch.allclose(build_rule("dare", {"p": 0.0})(deltas, torch.ones(3)), expected)
+    assert float(fused.mean()) == pytest.approx(float(deltas.sum(0).mean()), rel=0.02)
+    assert torch.allclose(build_rule("dare", {"p": 0.0})(deltas, torch.ones(3)), deltas.sum(0))
+
+
+def test_ties_equals_pefts_merge_utils():
+    """fedllm's TIES against PEFT's (peft.utils.merge_utils.ties, PEFT 0.21) on the same vectors."""
+    from peft.utils.merge_utils import ties
+
+    g = torch.Generator().manual_seed(3)
+    deltas = torch.randn(4, 1000, generator=g) + torch.tensor([0.3, -0.2, 0.0, 0.1])[:, None]
+    for density in (0.2, 0.5, 1.0):
+        reference = ties(list(deltas), torch.ones(4), density=density, majority_sign_method="total")
+        assert torch.allclose(build_rule("ties", {"k": density})(deltas, torch.ones(4)), reference, atol=1e-6)
 
 
 def test_median_and_trimmed_mean_ignore_outliers():

@@ -1,7 +1,5 @@
-"""Optional tracking: rounds mirrored to TensorBoard (installed) and MLflow (stubbed: not installed here)."""
+"""Optional tracking: rounds mirrored to TensorBoard and MLflow, read back with their own readers."""
 
-import sys
-import types
 
 import pytest
 
@@ -27,26 +25,22 @@ def test_tensorboard_gets_every_numeric_round_value(tmp_path):
 
 
 def test_mlflow_gets_params_and_metrics_per_round(tmp_path, monkeypatch):
-    calls = []
-    fake = types.ModuleType("mlflow")
-    fake.set_tracking_uri = lambda uri: calls.append(("uri", uri))
-    fake.start_run = lambda run_name: calls.append(("start", run_name))
-    fake.log_params = lambda params: calls.append(("params", params))
-    fake.log_metrics = lambda metrics, step: calls.append(("metrics", step, metrics))
-    fake.end_run = lambda: calls.append(("end",))
-    monkeypatch.setitem(sys.modules, "mlflow", fake)
-    monkeypatch.setattr("fedllm.results.tracking.check_installed", lambda kind: None)
-    monkeypatch.setattr("fedllm.config.sections.check_installed", lambda kind: None)
+    """Through the real MLflow client (mlflow-skinny), read back from its store."""
+    from mlflow.tracking import MlflowClient
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(None, [f"output.dir={tmp_path}"]).model_copy()
-    cfg.output.tracking = "mlflow"
+    cfg = load_config(None, ["output.tracking=mlflow", f"output.dir={tmp_path}"])
     writer = ResultsWriter(cfg)
     for rec in ROUNDS:
         writer.log_round(dict(rec))
     writer.finish({}, {})
-    assert calls[0] == ("uri", (writer.dir / "mlruns").resolve().as_uri()) and calls[1] == ("start", "fedavg-ideal")
-    assert calls[2][1]["strategy.name"] == "fedavg" and calls[2][1]["client.lr"] == "0.0005"
-    assert calls[4] == ("metrics", 1, {"accuracy": 0.5, "train_loss": 1.2}) and calls[-1] == ("end",)
+    client = MlflowClient(tracking_uri=f"sqlite:///{writer.dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert run.info.run_name == "fedavg-ideal" and run.info.status == "FINISHED"
+    assert run.data.params["strategy.name"] == "fedavg" and run.data.params["client.lr"] == "0.0005"
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.25), (1, 0.5)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1.2]
 
 
 def test_missing_tracking_package_is_a_config_error(monkeypatch):

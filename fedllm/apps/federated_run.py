@@ -60,7 +60,7 @@ def training_record(updates: list[ClientUpdate]) -> dict[str, Any]:
 
 class FederatedRun:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
-                 resume: Path | None = None) -> None:
+                 resume: Path | None = None, results_root: Path | None = None) -> None:
         self.grid, self.cfg, self.echo = grid, cfg, echo
         self.workload = workload_for(cfg)
         if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
@@ -76,7 +76,7 @@ class FederatedRun:
         self.next_round = 1
         self.identities: dict[int, str] = {}  # node id -> run-stable identity ("p3", or "n<node id>")
         self.stopped: str | None = None  # why the run ended before its last round, if it did
-        self.writer = ResultsWriter(cfg, resume_dir=resume)
+        self.writer = ResultsWriter(cfg, root=results_root, resume_dir=resume)
         if resume is not None:
             self._restore(resume)
 

@@ -7,6 +7,7 @@ With ``flwr run`` the experiment comes from the run config (``experiment``, ``ov
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,10 +40,19 @@ def config_from_run_config(run_config: dict) -> ExperimentConfig:
                        str(run_config.get("overrides", "")) or None)
 
 
+def results_root(run_config: dict) -> Path:
+    """Where a relative ``output.dir`` lives under ``flwr run``: the run config's ``results-dir``, else
+    ``$FEDLLM_RESULTS``, else ``~/fedllm-results``. Not the working directory: the ServerApp runs in
+    the SuperLink's process, whose directory is wherever it was first started."""
+    chosen = str(run_config.get("results-dir", "")) or os.environ.get("FEDLLM_RESULTS", "") or "~/fedllm-results"
+    return Path(chosen).expanduser().resolve()
+
+
 def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
-                   resume: Path | None = None) -> Path:
-    """Run every round of ``cfg`` on the nodes of ``grid`` (continuing ``resume``); returns the results folder."""
-    return FederatedRun(grid, cfg, echo, resume).run()
+                   resume: Path | None = None, root: Path | None = None) -> Path:
+    """Run every round of ``cfg`` on the nodes of ``grid`` (continuing ``resume``); returns the results
+    folder (a relative ``output.dir`` under ``root``, default the working directory)."""
+    return FederatedRun(grid, cfg, echo, resume, root).run()
 
 
 def make_server_app(cfg: ExperimentConfig | None = None, on_done: Callable[[Path], None] | None = None,
@@ -56,7 +66,11 @@ def make_server_app(cfg: ExperimentConfig | None = None, on_done: Callable[[Path
         resume_dir = resume or (Path(str(context.run_config["resume"])).expanduser()
                                 if context.run_config.get("resume") else None)
         try:
-            run_dir = run_experiment(grid, cfg or config_from_run_config(context.run_config), echo, resume_dir)
+            if cfg is None:  # flwr run: the experiment and where its results go come from the run config
+                run_dir = run_experiment(grid, config_from_run_config(context.run_config), echo, resume_dir,
+                                         results_root(context.run_config))
+            else:
+                run_dir = run_experiment(grid, cfg, echo, resume_dir)
         except (ConfigError, DataError) as err:  # the user's input: one line that names it, then fail the run
             log.error("fedllm: %s", err)
             raise

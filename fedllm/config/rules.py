@@ -32,6 +32,9 @@ def rl_goes_with_the_rl_trainer(cfg: "ExperimentConfig") -> None:
     if _rule(cfg).needs_labelled_shots or cfg.eval.fusion_metrics:
         raise ValueError(f"RL instruction tuning has no labelled tasks: strategy {cfg.strategy.name!r} and "
                          "eval.fusion_metrics do not apply; use fedavg, personalized or local_only")
+    if cfg.client.max_steps is None:
+        raise ValueError("client.max_steps: RL instruction tuning runs a number of GRPO steps a round; give one "
+                         "(e.g. client.max_steps: 4)")
     if cfg.client.batch_size % cfg.rl.num_generations:
         raise ValueError(f"client.batch_size {cfg.client.batch_size} must be a multiple of rl.num_generations "
                          f"{cfg.rl.num_generations} (each step scores whole groups of completions)")

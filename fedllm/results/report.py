@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import statistics
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,9 @@ def load_run(path: Path) -> RunResult:
         from fedllm.config import config_from_dict
 
         raw = config_from_dict(raw).model_dump(mode="json")
-    except ValueError:
-        pass
+    except ValueError as err:  # a run made by an older fedllm: still shown, as it was saved, and said so
+        warnings.warn(f"{path}: its config.yaml does not validate with this fedllm ({' '.join(str(err).split())[:300]}); "
+                      "the run is reported with its config as saved", stacklevel=2)
     return RunResult(path, raw, read_metrics(path), json.loads((path / "summary.json").read_text()))
 
 

@@ -3,7 +3,8 @@
 Off by default (``output.tracking: none``); the results folder stays the record of a run, and a
 tracker is a view of it for people who live in those tools. TensorBoard event files go to
 ``<run>/tensorboard`` (``tensorboard --logdir results``); MLflow logs to ``$MLFLOW_TRACKING_URI``
-when set, else to a file store in ``<run>/mlruns``. Scalars are the numeric top-level keys of each
+when set, else to a SQLite store in ``<run>/mlflow.db`` (``mlflow ui --backend-store-uri
+sqlite:///<run>/mlflow.db``). Scalars are the numeric top-level keys of each
 round record (``accuracy``, ``reward``, ``train_loss``, ``bytes_up``, ``accuracy/<task>``...)
 at step = round; MLflow also gets the flattened config as parameters.
 """
@@ -57,8 +58,8 @@ class MLflowTracker:
         import mlflow
 
         self.mlflow = mlflow
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow 3 refuses its old file store: a SQLite file
+            mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
         mlflow.start_run(run_name=run_name)
         mlflow.log_params(mlflow_params(config))
 
