@@ -52,7 +52,7 @@ class TrainContext:
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """The seed of one client's training in one round: distinct per client and round, the same
     wherever that training is replayed (the ClientApp, the plain-loop benchmark)."""
-    return seed * 100_003 + server_round * 1_009 + partition_id
+    return (seed * 100_003 + server_round * 1_009 + partition_id) % (2**31 - 1)  # numpy's and TRL's seed range
 
 
 def proximal_term(model: "torch.nn.Module", anchor: "dict[str, torch.Tensor]", mu: float) -> "torch.Tensor":

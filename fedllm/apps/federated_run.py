@@ -12,22 +12,27 @@ import random
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedllm.apps.console import done_line, round_line, start_line
+from fedllm.apps.payload import DELTA, METRICS, RejectedReply, parse_reply, reject_outlier_norms, round_content
 from fedllm.apps.sampling import sample_clients
-from fedllm.apps.payload import METRICS, RejectedReply, parse_reply, reject_outlier_norms, round_content
 from fedllm.config import ConfigError, ExperimentConfig
 from fedllm.core.types import ClientUpdate
+from fedllm.core.vectors import Layout
 from fedllm.fusion.pipeline import FusionPipeline
-from fedllm.results.writer import ResultsWriter, load_checkpoint, save_checkpoint
+from fedllm.results.writer import ResultsWriter, check_results_dir, load_checkpoint, save_checkpoint
 from fedllm.workloads import workload_for
 
 log = logging.getLogger("fedllm")
+# error replies the SuperLink makes for a node that is gone (not errors raised by a client)
+GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float = 120.0) -> list[int]:
@@ -58,10 +63,36 @@ def training_record(updates: list[ClientUpdate]) -> dict[str, Any]:
     return record
 
 
+@dataclass
+class Replies:
+    """One round's sampled clients, each in exactly one of: used (an update), rejected, missing."""
+
+    sampled: list[int]
+    updates: list[ClientUpdate] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # one reason per rejected client
+    missing: list[int] = field(default_factory=list)
+    arrived: int = 0  # replies from the clients themselves (errors they raised included)
+    payloads: int = 0  # replies that carried a payload: what used the uplink
+
+    def take(self, node: int, reply: Message, layout: Layout) -> None:
+        if reply.has_error() and reply.error.code in GONE:  # the SuperLink answered for a node that is gone
+            self.missing.append(node)
+            log.warning("node %s is unavailable: %s", node, reply.error.reason)
+            return
+        self.arrived += 1
+        self.payloads += int(not reply.has_error() and DELTA in reply.content.array_records)
+        try:
+            self.updates.append(parse_reply(reply, layout, node))
+        except RejectedReply as why:
+            self.rejected.append(str(why))
+
+
 class FederatedRun:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
                  resume: Path | None = None, results_root: Path | None = None) -> None:
         self.grid, self.cfg, self.echo = grid, cfg, echo
+        if resume is None:  # an unusable results folder is an error now, not after the model is built
+            check_results_dir(cfg, results_root)
         self.workload = workload_for(cfg)
         if cfg.data.num_clients:  # simulated partitions: an empty one fails here, before a results folder exists
             self.workload.check_data(cfg.data.num_clients)
@@ -133,32 +164,40 @@ class FederatedRun:
         for node in unknown:  # no answer: known by its node id
             self.identities.setdefault(node, f"n{node}")
 
-    def collect(self, rnd: int) -> tuple[list[int], int, list[ClientUpdate], list[str], list[int]]:
-        """Sample clients, send the global group, and check every reply: (sampled nodes, number of
-        replies, usable updates, rejection reasons, nodes that never replied)."""
+    def collect(self, rnd: int) -> Replies:
+        """Sample clients, send the global group, and sort every sampled client into exactly one of
+        used, rejected (it replied, but not usably: an error, a bad payload, an outlier) and missing
+        (no reply within ``strategy.round_timeout``, or the SuperLink reports the node gone). Replies
+        are pulled as they arrive and kept only as flat deltas."""
         strategy = self.cfg.strategy
         nodes = wait_for_nodes(self.grid, strategy.min_clients)
         self.identify(nodes)
         sampled = sample_clients(strategy, {n: self.identities[n] for n in nodes}, self.rng)
         content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0)
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
-        updates, rejected, replied = [], [], []
-        # Parse each reply as it is handed over and keep only the flat delta: holding the messages
-        # as well would double the server's memory per client.
-        for reply in self.grid.send_and_receive(messages, timeout=strategy.round_timeout):
-            replied.append(reply.metadata.src_node_id)
-            try:
-                updates.append(parse_reply(reply, self.pipeline.layout))
-            except RejectedReply as why:
-                rejected.append(str(why))
-        updates, outliers = reject_outlier_norms(updates, self.pipeline.outlier_ratio)
-        for why in rejected + outliers:
+        self.grid.push_messages(messages)
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        del messages, content
+        out = Replies(sampled)
+        pending, started = set(node_of), time.monotonic()
+        while pending and time.monotonic() - started < (strategy.round_timeout or float("inf")):
+            for reply in self.grid.pull_messages(list(pending)):
+                message_id = reply.metadata.reply_to_message_id
+                pending.discard(message_id)
+                out.take(node_of[message_id], reply, self.pipeline.layout)
+            if pending:
+                time.sleep(0.05)
+        waited = time.monotonic() - started
+        out.updates, outliers = reject_outlier_norms(out.updates, self.pipeline.outlier_ratio)
+        out.rejected += outliers
+        for why in out.rejected:
             log.warning("round %d: rejected reply: %s", rnd, why)
-        missing = sorted(set(sampled) - set(replied))
-        if missing:
-            log.warning("round %d: %d of %d sampled clients did not reply within %ss: nodes %s", rnd,
-                        len(missing), len(sampled), strategy.round_timeout, missing)
-        return sampled, len(replied), updates, rejected + outliers, missing
+        timed_out = sorted(node_of[m] for m in pending)
+        if timed_out:
+            log.warning("round %d: %d of %d sampled clients did not reply within %.1fs: nodes %s", rnd,
+                        len(timed_out), len(sampled), waited, timed_out)
+        out.missing = sorted(out.missing + timed_out)
+        return out
 
     def round_update(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         """The fusion pipeline on this round's usable updates; returns what to record of it."""
@@ -168,11 +207,13 @@ class FederatedRun:
 
     def round(self, rnd: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.monotonic()
-        sampled, replied, updates, rejected, missing = self.collect(rnd)
+        replies = self.collect(rnd)
+        updates = replies.updates
         record: dict[str, Any] = {
-            "round": rnd, "clients_sampled": len(sampled), "sampled": [self.identities[n] for n in sampled], "clients_replied": replied, "clients_used": len(updates),
-            "clients_missing": len(missing), "missing_nodes": missing, "rejected": rejected,
-            "bytes_up": self.payload_bytes * replied, "bytes_down": self.down_bytes * len(sampled),
+            "round": rnd, "clients_sampled": len(replies.sampled), "sampled": [self.identities[n] for n in replies.sampled],
+            "clients_replied": replies.arrived, "clients_used": len(updates), "clients_rejected": len(replies.rejected),
+            "clients_missing": len(replies.missing), "missing_nodes": replies.missing, "rejected": replies.rejected,
+            "bytes_up": self.payload_bytes * replies.payloads, "bytes_down": self.down_bytes * len(replies.sampled),
             "bytes_up_per_client": self.payload_bytes}
         if len(updates) < cfg.strategy.min_clients:
             self.echo(f"[round {rnd}/{cfg.rounds}] skipped: {len(updates)} usable replies < strategy.min_clients="
@@ -212,6 +253,8 @@ class FederatedRun:
             self.writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
             self.echo(f"[round 0/{cfg.rounds}] {m}={scores.get(m, float('nan')):.4f} (before training)")
             save_checkpoint(self.writer.dir, self._state())
+        # who is who, asked once before round 1 (its cost is the clients' start-up, not a round's)
+        self.identify(wait_for_nodes(self.grid, cfg.strategy.min_clients))
         start = time.monotonic() - self.totals["elapsed"]
         for rnd in range(self.next_round, cfg.rounds + 1):
             if self.pipeline.exceeds_privacy_budget():  # stop cleanly: the last checkpoint stays

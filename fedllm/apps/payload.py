@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedllm.apps.fingerprint import code_fingerprint, code_location
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, flatten
 
@@ -26,7 +27,8 @@ def round_content(global_params: dict[str, torch.Tensor], config_json: str, serv
                   num_partitions: int) -> RecordDict:
     return RecordDict({
         GLOBAL: ArrayRecord(torch_state_dict=global_params),
-        CONFIG: ConfigRecord({"experiment": config_json, "round": server_round, "num-partitions": num_partitions}),
+        CONFIG: ConfigRecord({"experiment": config_json, "round": server_round, "num-partitions": num_partitions,
+                              "code": code_fingerprint(), "code-location": code_location()}),
     })
 
 
@@ -38,11 +40,13 @@ class RejectedReply(ValueError):
     """A reply the server will not fuse; ``str()`` is the logged reason."""
 
 
-def parse_reply(msg: Message, layout: Layout) -> ClientUpdate:
-    """Turn a client reply into a flat delta, or raise :class:`RejectedReply` saying why."""
-    node = msg.metadata.src_node_id
-    if msg.has_error():
-        raise RejectedReply(f"client {node} failed: {msg.error.reason}")
+def parse_reply(msg: Message, layout: Layout, node: int | None = None) -> ClientUpdate:
+    """Turn a client reply into a flat delta, or raise :class:`RejectedReply` saying why (``node``: the
+    node the message was sent to; by default the reply's sender)."""
+    node = msg.metadata.src_node_id if node is None else node
+    if msg.has_error():  # the reason may carry a whole remote traceback: its last line says what happened
+        lines = [line.strip() for line in str(msg.error.reason).strip().splitlines() if line.strip()]
+        raise RejectedReply(f"client {node} failed: {(lines[-1] if lines else 'no reason given')[:500]}")
     content = msg.content
     if DELTA not in content.array_records or METRICS not in content.metric_records:
         raise RejectedReply(f"client {node}: reply lacks '{DELTA}' or '{METRICS}' records")

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.apps.federated_run import FederatedRun
 from fedllm.config import ConfigError, ExperimentConfig, load_config
 from fedllm.core.errors import DataError
+from fedllm.results.writer import StorageError
 
 log = logging.getLogger("fedllm")
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -55,10 +56,18 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
     return FederatedRun(grid, cfg, echo, resume, root).run()
 
 
+KNOWN_ERRORS = (ConfigError, DataError, StorageError)  # the user's input or the disk: one line, no traceback
+
+
 def make_server_app(cfg: ExperimentConfig | None = None, on_done: Callable[[Path], None] | None = None,
-                    resume: Path | None = None, echo: Callable[[str], None] = print) -> ServerApp:
+                    resume: Path | None = None, echo: Callable[[str], None] = print,
+                    prepared: FederatedRun | None = None,
+                    on_error: Callable[[Exception], None] | None = None) -> ServerApp:
     """A ServerApp for ``cfg``; ``None`` reads the experiment (and ``resume``) from the run config
-    (``flwr run``). ``on_done`` receives the results folder of a finished run."""
+    (``flwr run``). ``prepared``: a run already set up (model built, data and results folder
+    checked) before the simulation started. ``on_done`` receives the results folder of a finished run;
+    ``on_error``, if given, receives a known error (bad input, a full disk) instead of Flower, whose
+    log would bury its one line under a traceback (the in-process simulation re-raises it after)."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -66,14 +75,20 @@ def make_server_app(cfg: ExperimentConfig | None = None, on_done: Callable[[Path
         resume_dir = resume or (Path(str(context.run_config["resume"])).expanduser()
                                 if context.run_config.get("resume") else None)
         try:
-            if cfg is None:  # flwr run: the experiment and where its results go come from the run config
+            if prepared is not None:
+                prepared.grid = grid
+                run_dir = prepared.run()
+            elif cfg is None:  # flwr run: the experiment and where its results go come from the run config
                 run_dir = run_experiment(grid, config_from_run_config(context.run_config), echo, resume_dir,
                                          results_root(context.run_config))
             else:
                 run_dir = run_experiment(grid, cfg, echo, resume_dir)
-        except (ConfigError, DataError) as err:  # the user's input: one line that names it, then fail the run
+        except KNOWN_ERRORS as err:  # one line that names it, then fail the run
             log.error("fedllm: %s", err)
-            raise
+            if on_error is None:
+                raise
+            on_error(err)
+            return
         if on_done is not None:
             on_done(run_dir)
 

@@ -23,16 +23,25 @@ def simulate(cfg: ExperimentConfig, clients: int, cpus_per_client: float = 1.0, 
     from flwr.simulation import run_simulation
 
     from fedllm.apps.client_app import app as client_app
+    from fedllm.apps.federated_run import FederatedRun
     from fedllm.apps.server_app import make_server_app
     from fedllm.workloads import workload_for
 
-    workload_for(cfg).check_data(clients)  # data errors surface here, one line, before Ray starts or a folder is made
+    # Everything that can be wrong with the input fails here, in one line, before Ray starts or a
+    # results folder is made: the data for this many clients, the results folder, the model and
+    # its PEFT set-up (the server's run is set up now and handed to the ServerApp).
+    workload_for(cfg).check_data(clients)
+    prepared = FederatedRun(None, cfg, echo, resume)
     out: list[Path] = []
-    run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=echo),
+    failed: list[Exception] = []
+    run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=echo, prepared=prepared,
+                                              on_error=failed.append),
                    client_app=client_app,
                    num_supernodes=clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client},
                                    "init_args": {"num_cpus": os.cpu_count() or 1}})
+    if failed:
+        raise failed[0]
     if not out:
         raise RuntimeError("the simulation ended without finishing the run (see the log above)")
     return out[0]

@@ -35,7 +35,7 @@ class ExperimentConfig(_Section):
     channel: ChannelSection = Field(default_factory=ChannelSection)
     rounds: PositiveInt = 3
     eval: EvalSection = Field(default_factory=EvalSection)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     output: OutputSection = Field(default_factory=OutputSection)
     rl: RLSection | None = Field(None, description="RL instruction tuning (PFIT); needs client.trainer: rl")
 

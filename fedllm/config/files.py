@@ -66,8 +66,42 @@ def read_experiment_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: str | list[str] | None = None) -> ExperimentConfig:
-    """Load an experiment YAML (``None``: all defaults) and apply overrides."""
-    return config_from_dict(read_experiment_yaml(path) if path else {}, overrides)
+    """Load an experiment YAML (``None``: all defaults) and apply overrides. A file with a ``sweep:``
+    block is one experiment once the overrides pin every key it sweeps (``--set data.alpha=0.1``);
+    otherwise the error lists the points to choose from."""
+    raw = read_experiment_yaml(path) if path else {}
+    sweep = raw.pop("sweep", None)
+    if sweep is not None:
+        unpinned = _unpinned(sweep, parse_overrides(overrides))
+        if unpinned:
+            choices = "; ".join(f"{key} over {values}" for key, values in unpinned.items())
+            items = [f"{key}={_yaml_value(values[0])}" for key, values in unpinned.items()]
+            example = " ".join(f"--set '{item}'" if " " in item else f"--set {item}" for item in items)
+            raise ConfigError(f"{path} is a sweep ({choices}): pick one point with {example} (under flwr run: "
+                              f"overrides='{' '.join(items)}'), run them all with fedllm run --all, or compare them "
+                              f"with fedllm compare {path}")
+    return config_from_dict(raw, overrides)
+
+
+def _unpinned(sweep: Any, overrides: dict[str, Any]) -> dict[str, list[Any]]:
+    """The swept keys no override sets."""
+    if not isinstance(sweep, dict):
+        raise ConfigError("sweep: must map dotted keys to lists of values, e.g. {channel.snr_db: [0, 10]}")
+    out = {}
+    for key, values in sweep.items():
+        node: Any = overrides
+        for part in str(key).split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else _MISSING
+        if node is _MISSING:
+            out[str(key)] = list(values) if isinstance(values, list) else [values]
+    return out
+
+
+_MISSING = object()
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def config_from_json(text: str) -> ExperimentConfig:

@@ -58,7 +58,9 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+            what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(f"override {key}: cannot parse value {raw!r} ({what}); values are read as YAML, "
+                              "e.g. [a, b] or {kind: awgn}") from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -38,8 +38,14 @@ def masked_logits(logits: torch.Tensor, tasks: torch.Tensor, label_ranges: list[
     return logits + mask
 
 
+# A token spans at most this many characters in the tokenizers fedllm meets, so cutting a text here
+# keeps every token that truncation to max_length would keep, and a 10 MB text costs what a short one does.
+CHARS_PER_TOKEN_BOUND = 32
+
+
 def forward_logits(bundle: ModelBundle, model: torch.nn.Module, texts: list[str], tasks: list[int],
                    label_ranges: list[tuple[int, int]], max_length: int) -> torch.Tensor:
+    texts = [t[: max_length * CHARS_PER_TOKEN_BOUND] for t in texts]
     enc = bundle.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     enc = {k: v.to(bundle.device) for k, v in enc.items()}
     logits = model(**enc).logits

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedllm.core.errors import ConfigError
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -53,13 +55,13 @@ def split_groups(model: torch.nn.Module, global_patterns: list[str], local_patte
         else:
             orphans.append(name)
     if orphans:
-        raise ValueError(
+        raise ConfigError(
             f"trainable tensor {orphans[0]!r} (and {len(orphans) - 1} more) matches neither "
             f"peft.global_patterns {global_patterns} nor peft.local_patterns {local_patterns}; "
             "add a pattern for it (e.g. '*' in global_patterns for full fine-tuning)"
         )
     if not global_names and global_patterns:
-        raise ValueError(f"peft.global_patterns {global_patterns} select no trainable tensor: nothing would be sent")
+        raise ConfigError(f"peft.global_patterns {global_patterns} select no trainable tensor: nothing would be sent")
     return ParameterGroups(tuple(global_names), tuple(local_names))
 
 

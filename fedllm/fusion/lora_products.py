@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedllm.core.errors import ConfigError
 from fedllm.core.vectors import Layout, Tensors, flatten, unflatten
 
 
@@ -70,14 +71,14 @@ class LoraProducts:
                 if a not in sent and b not in sent:
                     continue  # a local (personal) LoRA: never sent, never merged
                 if a not in sent or b not in sent:
-                    raise ValueError(f"peft.fuse_lora_as weight_delta needs both factors of {module_name} in "
+                    raise ConfigError(f"peft.fuse_lora_as weight_delta needs both factors of {module_name} in "
                                      "peft.global_patterns (one is sent, the other not)")
                 if weight not in params:
-                    raise ValueError(f"peft.fuse_lora_as weight_delta: {module_name} is not a linear layer "
+                    raise ConfigError(f"peft.fuse_lora_as weight_delta: {module_name} is not a linear layer "
                                      "with a base weight; use fuse_lora_as: factors")
                 pairs.append(LoraPair(module, adapter, a, b, weight))
         if not pairs:
-            raise ValueError("peft.fuse_lora_as weight_delta: no LoRA layer is sent (check peft.method: lora "
+            raise ConfigError("peft.fuse_lora_as weight_delta: no LoRA layer is sent (check peft.method: lora "
                              "and that peft.global_patterns include 'lora_')")
         in_pairs = {n for p in pairs for n in (p.a, p.b)}
         passthrough = tuple(n for n in global_names if n not in in_pairs)

@@ -1,14 +1,20 @@
 """A run's results folder: resolved config, per-round metrics (JSON lines), final state.
 
-``summary.json`` is written last and atomically: a folder without it is an unfinished run.
+Every file is written whole or not at all (a temporary file renamed into place); ``summary.json``
+is written last: a folder without it is an unfinished run, and its last checkpoint resumes it.
+Each run gets a folder of its own, even two runs of one config started in the same second. A
+write that fails (a full disk, a folder that vanished) stops the run with :class:`StorageError`,
+one line that names the path, and the previous checkpoint stays as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,14 @@ import torch
 import yaml
 
 from fedllm.config import ExperimentConfig
+from fedllm.core.errors import ConfigError
 from fedllm.results.tracking import Tracker, build_tracker
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class StorageError(OSError):
+    """The results folder could not be written; the message names the path and the cause."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -25,10 +38,43 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a temporary file beside ``path``, then rename it into place; on failure the
+    temporary file is removed and ``path`` keeps its old content."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "unexpected pos" in str(exc) or "No space" in str(exc)
+        cause = "no space left" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
+        raise StorageError(f"{cause} on {path.parent} while writing {path.name}; the last complete checkpoint "
+                           "is kept (free space, then resume the run)") from None
+
+
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write_whole(path, lambda tmp: tmp.write_text(text))
+
+
+def results_base(cfg: ExperimentConfig, root: Path | None = None) -> Path:
+    base = Path(cfg.output.dir).expanduser()
+    return base if base.is_absolute() else (root or Path.cwd()) / base
+
+
+def check_results_dir(cfg: ExperimentConfig, root: Path | None = None) -> Path:
+    """Fail before anything starts when ``output.dir`` cannot hold a run (a file, no permission, a
+    read-only or virtual file system): one line naming the folder and the fix."""
+    base = results_base(cfg, root)
+    probe = base / f".fedllm-write-test-{os.getpid()}"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output.dir {str(base)!r}: cannot write results there ({exc.strerror or exc}); choose a "
+                          "writable folder (output.dir, or results-dir / $FEDLLM_RESULTS under flwr run)") from None
+    return base
 
 
 class ResultsWriter:
@@ -43,33 +89,39 @@ class ResultsWriter:
             self.metrics_path = self.dir / "metrics.jsonl"
             self.records = read_metrics(self.dir) if self.metrics_path.is_file() else []
             return
-        base = Path(cfg.output.dir).expanduser()
-        if not base.is_absolute():
-            base = (root or Path.cwd()) / base
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.dir = base / cfg.run_name() / f"{stamp}-{cfg.digest()}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        parent = check_results_dir(cfg, root) / cfg.run_name()
+        parent.mkdir(parents=True, exist_ok=True)
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.digest()}"
+        for attempt in range(1, 1000):  # a folder of its own, even for two runs started in the same second
+            self.dir = parent / (name if attempt == 1 else f"{name}-{attempt}")
+            try:
+                self.dir.mkdir()
+                break
+            except FileExistsError:
+                continue
         atomic_write(self.dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self.metrics_path = self.dir / "metrics.jsonl"
         self.records = []
 
+    def _rewrite_metrics(self) -> None:
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+
     def truncate_after(self, last_round: int) -> None:
         """Forget records past the checkpoint (a crash may have logged a round it did not save)."""
         self.records = [r for r in self.records if r["round"] <= last_round]
-        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self._rewrite_metrics()
         (self.dir / "summary.json").unlink(missing_ok=True)
 
     def log_samples(self, rnd: int, samples: list[dict[str, str]]) -> None:
         """A few generations of the global policy per evaluated round (samples.jsonl)."""
-        with (self.dir / "samples.jsonl").open("a") as fh:
-            for sample in samples:
-                fh.write(json.dumps({"round": rnd, **sample}) + "\n")
+        path = self.dir / "samples.jsonl"
+        old = path.read_text() if path.is_file() else ""
+        atomic_write(path, old + "".join(json.dumps({"round": rnd, **s}) + "\n" for s in samples))
 
     def log_round(self, record: dict[str, Any]) -> None:
         record = {k: _jsonable(v) for k, v in record.items()}
         self.records.append(record)
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self._rewrite_metrics()
         if self.cfg.output.tracking != "none":
             if self.tracker is None:
                 self.tracker = build_tracker(self.cfg.output.tracking, self.dir, self.cfg.run_name(),
@@ -77,20 +129,15 @@ class ResultsWriter:
             self.tracker.log_round(record)
 
     def finish(self, global_params: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
-        torch.save(global_params, self.dir / "global_params.pt")
+        _write_whole(self.dir / "global_params.pt", lambda tmp: torch.save(global_params, tmp))
         atomic_write(self.dir / "summary.json", json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
         if self.tracker is not None:
             self.tracker.close()
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    """Atomically replace the run's checkpoint: a crash leaves the previous one intact."""
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
+    """Atomically replace the run's checkpoint: a crash or a full disk leaves the previous one intact."""
+    _write_whole(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedllm.core.errors import ConfigError
 from fedllm.core.vectors import matches
 
 # model_type -> the output projections of its attention and feed-forward blocks
@@ -65,7 +66,7 @@ def adapter_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
         return targets
     kind = model_type(model)
     if kind not in ADAPTER_PLACES:
-        raise ValueError(f"peft.adapter_targets: no default placement for a {kind!r} model; name its attention- and "
+        raise ConfigError(f"peft.adapter_targets: no default placement for a {kind!r} model; name its attention- and "
                          f"feed-forward-output layers (its linear layers: {', '.join(linear_layer_names(model))})")
     return ADAPTER_PLACES[kind]
 
@@ -80,6 +81,6 @@ def add_adapters(model: nn.Module, targets: list[str] | None, bottleneck: int) -
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, BottleneckAdapter(getattr(parent, child), bottleneck))
     if not chosen:
-        raise ValueError(f"peft.adapter_targets {targets} match no linear layer of this {model_type(model)!r} model; "
+        raise ConfigError(f"peft.adapter_targets {targets} match no linear layer of this {model_type(model)!r} model; "
                          f"its linear layers: {', '.join(linear_layer_names(model))}")
     return len(chosen)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.config import ExperimentConfig
+from fedllm.core.errors import ConfigError
 from fedllm.core.vectors import matches
 from fedllm.workloads.adapters import add_adapters, linear_layer_names, linear_layers, model_type
 
@@ -33,12 +34,12 @@ def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int, causal_l
             lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout, target_modules=list(cfg.peft.target_modules),
         )
         if not any(matches(name, cfg.peft.target_modules) for name in linear_layers(model)):
-            raise ValueError(f"peft.target_modules {cfg.peft.target_modules} match no linear layer of this "
+            raise ConfigError(f"peft.target_modules {cfg.peft.target_modules} match no linear layer of this "
                              f"{model_type(model)!r} model; its linear layers: {', '.join(linear_layer_names(model))}")
         try:
             model = get_peft_model(model, lora)  # freezes all but LoRA and the head
         except ValueError as exc:
-            raise ValueError(f"peft.target_modules {cfg.peft.target_modules}: {exc}") from None
+            raise ConfigError(f"peft.target_modules {cfg.peft.target_modules}: {exc}") from None
     elif cfg.peft.method == "none":
         for name, param in model.named_parameters():
             param.requires_grad_(is_head(name))

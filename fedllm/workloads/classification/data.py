@@ -10,6 +10,7 @@ format of ../shared/data), or a Hugging Face dataset name via ``datasets.load_da
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import warnings
@@ -71,28 +72,72 @@ class TaskSuite:
 # --------------------------------------------------------------------------- loaders
 
 
+def read_text_file(path: Path) -> str:
+    """A data file's text: UTF-8 (a byte-order mark is dropped); bytes that are not UTF-8 are an error
+    naming the file and the line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+
+
+def _records(path: Path) -> list[tuple[int, object]]:
+    """(line number, record) of a JSONL or CSV file."""
+    text = read_text_file(path)
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            return [(reader.line_num, row) for row in reader]
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+    if path.suffix in (".jsonl", ".json"):
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        return records
+    raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .jsonl or .csv)")
+
+
 def _read_rows(path: Path, text_field: str, label_field: str) -> list[tuple[str, object]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     rows: list[tuple[str, object]] = []
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            records = list(csv.DictReader(fh))
-    elif path.suffix in (".jsonl", ".json"):
-        records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-    else:
-        raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .jsonl or .csv)")
-    for n, rec in enumerate(records, 1):
+    for n, rec in _records(path):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: a JSON {type(rec).__name__} where an object with {text_field!r} and "
+                            f"{label_field!r} belongs")
         if text_field not in rec or label_field not in rec:
-            raise DataError(f"{path}: row {n} lacks field {text_field!r} or {label_field!r} (has {sorted(rec)})")
-        rows.append((str(rec[text_field]), rec[label_field]))
+            raise DataError(f"{path}:{n}: lacks field {text_field!r} or {label_field!r} (has {sorted(rec)})")
+        text, label = rec[text_field], rec[label_field]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{n}: field {text_field!r} must be a non-empty string, got {text!r}")
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        if label is None or isinstance(label, (bool, list, dict, float)) or (isinstance(label, str) and not label):
+            raise DataError(f"{path}:{n}: field {label_field!r} must be a label name or index, got {label!r}")
+        rows.append((text, label))
     return rows
+
+
+def _read_label_names(path: Path) -> list[str]:
+    try:
+        names = json.loads(read_text_file(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); it should list the label names") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{path}: should be a JSON list of label names, e.g. [\"negative\", \"positive\"]")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: label names repeat ({names})")
+    return names
 
 
 def _find_split(folder: Path, split: str) -> Path:
@@ -131,7 +176,7 @@ def load_local_task(spec: TaskSpec) -> TaskData:
         train_rows = _read_rows(_find_split(path, "train"), spec.text_field, spec.label_field)
         test_rows = _read_rows(_find_split(path, "test"), spec.text_field, spec.label_field)
         labels_file = path / "labels.json"
-        names = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+        names = _read_label_names(labels_file) if labels_file.is_file() else None
     elif path.is_file():
         rows = _read_rows(path, spec.text_field, spec.label_field)
         random.Random(f"fedllm-split-{spec.name}").shuffle(rows)
@@ -141,6 +186,8 @@ def load_local_task(spec: TaskSpec) -> TaskData:
         raise DataError(f"task {spec.name!r}: data path not found: {path}")
     if not train_rows:
         raise DataError(f"task {spec.name!r}: no training rows in {path}")
+    if not test_rows:
+        raise DataError(f"task {spec.name!r}: no test rows in {path} (the server scores the global model on them)")
     if names is None:
         _, names = _to_int_labels(train_rows + test_rows, None, str(path))
     train, names = _to_int_labels(train_rows, names, f"{path} (train)")

@@ -25,6 +25,7 @@ from transformers import logging as transformers_logging
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle, pick_device
 from fedllm.core.encoders import embed_texts
+from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
 from fedllm.core.store import embedded_model_dir
 from fedllm.core.vectors import get_tensors, split_groups
@@ -63,7 +64,7 @@ def _load(name: str, loader, **kwargs) -> torch.nn.Module:
     try:
         return loader(model_source(name), **kwargs)
     except OSError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"model.name {name!r}: cannot load it offline ({exc}); use 'minilm', 'tiny-bert', 'smollm2-135m', "
             "a .gguf file, a local folder with config.json + weights, or a Hugging Face id with the hub reachable"
         ) from None
@@ -99,6 +100,11 @@ def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
         base = build_label_embedding_model(cfg, label_names, cfg.seed)
     else:
         base = build_base_model(cfg.model.name, len(label_names), cfg.seed)
+    positions = getattr(getattr(base, "config", None), "max_position_embeddings", None) or getattr(
+        getattr(getattr(base, "encoder", None), "config", None), "max_position_embeddings", None)
+    if positions is not None and cfg.model.max_length > positions:
+        raise ConfigError(f"model.max_length {cfg.model.max_length} is longer than {cfg.model.name!r} can read "
+                          f"({positions} positions); set model.max_length to at most {positions}")
     model = wrap_peft(base, cfg, cfg.seed)
     groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
     model.to(device)

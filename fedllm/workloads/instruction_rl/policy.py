@@ -23,6 +23,7 @@ import torch
 
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle, pick_device
+from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
 from fedllm.core.store import cache_root
 from fedllm.core.types import Instruction
@@ -125,7 +126,7 @@ def reference_policy(cfg: ExperimentConfig):
             model = AutoModelForCausalLM.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
         except OSError as exc:
-            raise ValueError(f"model.name {cfg.model.name!r}: cannot load a causal LM offline ({exc}); use "
+            raise ConfigError(f"model.name {cfg.model.name!r}: cannot load a causal LM offline ({exc}); use "
                              f"'{TINY_GPT2}', 'smollm2-135m', a .gguf file, a local folder with config.json + "
                              "weights + tokenizer, or a Hugging Face id with the hub reachable") from None
         if tokenizer.pad_token is None:
