@@ -194,3 +194,21 @@ def test_a_huge_text_costs_no_more_than_its_first_tokens(tmp_path):
         a = forward_logits(bundle, bundle.model, [huge], [0], workload.suite.label_ranges, 32)
         b = forward_logits(bundle, bundle.model, [huge[:2000]], [0], workload.suite.label_ranges, 32)
     assert torch.equal(a, b) and calls[0] <= 32 * 32
+
+
+@pytest.mark.slow
+def test_under_flwr_run_more_supernodes_than_examples_fail_before_a_results_folder(tmp_path):
+    """As `flwr run` does it: the ServerApp reads the number of partitions from the nodes' own config."""
+    from flwr.simulation import run_simulation
+
+    from fedllm.apps.client_app import app as client_app
+    from fedllm.apps.server_app import make_server_app
+    from fedllm.config import load_config
+    from fedllm.core.errors import DataError
+
+    cfg = load_config(None, [*TINY_OVERRIDES, "data.max_train_per_task=10", f"output.dir={tmp_path / 'results'}"])
+    failed = []
+    run_simulation(server_app=make_server_app(cfg, on_error=failed.append), client_app=client_app, num_supernodes=12,
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+    assert len(failed) == 1 and isinstance(failed[0], DataError) and "cannot fill 12 clients" in str(failed[0])
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("config.yaml"))

@@ -144,5 +144,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Who this client is across runs: its data partition (a device with its own data has none)."""
     pid = context.node_config.get("partition-id")
-    facts = {"partition": int(pid)} if pid is not None else {}
+    facts = ({"partition": int(pid), "partitions": int(context.node_config.get("num-partitions", 0))}
+             if pid is not None else {})
     return Message(RecordDict({METRICS: MetricRecord(facts)}), reply_to=msg)

@@ -106,9 +106,12 @@ class FederatedRun:
         self.totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "elapsed": 0.0}
         self.next_round = 1
         self.identities: dict[int, str] = {}  # node id -> run-stable identity ("p3", or "n<node id>")
+        self.declared_partitions = 0  # how many partitions the nodes say the data is split into
         self.stopped: str | None = None  # why the run ended before its last round, if it did
-        self.writer = ResultsWriter(cfg, root=results_root, resume_dir=resume)
+        self.results_root = results_root
+        self.writer: ResultsWriter | None = None  # made once the clients' data is known to fit (run())
         if resume is not None:
+            self.writer = ResultsWriter(cfg, resume_dir=resume)
             self._restore(resume)
 
     def _state(self) -> dict:
@@ -161,6 +164,7 @@ class FederatedRun:
             node = reply.metadata.src_node_id
             facts = {} if reply.has_error() else dict(reply.content.metric_records.get(METRICS, {}))
             self.identities[node] = f"p{int(facts['partition'])}" if "partition" in facts else f"n{node}"
+            self.declared_partitions = max(self.declared_partitions, int(facts.get("partitions", 0)))
         for node in unknown:  # no answer: known by its node id
             self.identities.setdefault(node, f"n{node}")
 
@@ -246,6 +250,14 @@ class FederatedRun:
 
     def run(self) -> Path:
         cfg, m = self.cfg, self.workload.metric
+        # who is who, asked once before anything is written (its cost is the clients' start-up, not a
+        # round's); under flwr run the nodes say how many partitions the data is split into, which
+        # must fit the data before training starts and before a results folder exists
+        self.identify(wait_for_nodes(self.grid, cfg.strategy.min_clients))
+        if not cfg.data.num_clients and self.declared_partitions:
+            self.workload.check_data(self.declared_partitions)
+        if self.writer is None:
+            self.writer = ResultsWriter(cfg, root=self.results_root)
         self.echo(start_line(cfg.run_name(), cfg.model.name, cfg.peft.method, self.workload.describe(),
                              self.pipeline.layout.numel, self.payload_bytes, self.writer.dir))
         if self.next_round == 1:
@@ -253,8 +265,6 @@ class FederatedRun:
             self.writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
             self.echo(f"[round 0/{cfg.rounds}] {m}={scores.get(m, float('nan')):.4f} (before training)")
             save_checkpoint(self.writer.dir, self._state())
-        # who is who, asked once before round 1 (its cost is the clients' start-up, not a round's)
-        self.identify(wait_for_nodes(self.grid, cfg.strategy.min_clients))
         start = time.monotonic() - self.totals["elapsed"]
         for rnd in range(self.next_round, cfg.rounds + 1):
             if self.pipeline.exceeds_privacy_budget():  # stop cleanly: the last checkpoint stays
