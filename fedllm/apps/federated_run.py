@@ -206,7 +206,7 @@ class FederatedRun:
     def round_update(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         """The fusion pipeline on this round's usable updates; returns what to record of it."""
         self.global_params, record = self.pipeline(self.global_params, updates, self.cfg.seed + rnd,
-                                                   population=len(self.identities))
+                                                   population=len(self.identities), server_round=rnd)
         return {**record, **training_record(updates)}
 
     def round(self, rnd: int) -> dict[str, Any]:

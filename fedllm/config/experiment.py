@@ -59,7 +59,8 @@ class ExperimentConfig(_Section):
             data.pop("rl", None)
         if data["peft"].get("fuse_lora_as") == "factors":  # the default, as before the key existed
             data["peft"].pop("fuse_lora_as")
-        for key, default in (("sampling", "fixed"), ("dp_target_epsilon", None)):  # keys added later: as before
+        for key, default in (("sampling", "fixed"), ("dp_target_epsilon", None),  # keys added later: as before
+                             ("optimizer", {"name": "none"})):
             if data["strategy"].get(key) == default:
                 data["strategy"].pop(key)
         # defaults widened for decoder models hash as the defaults they replace did, for the same runs

@@ -177,6 +177,20 @@ class ClientSection(NamedSection):
         return TRAINERS
 
 
+class OptimizerSection(NamedSection):
+    """``name`` picks the server optimiser (``fedllm.strategies.optimizers``); other keys are its parameters."""
+
+    name_key = "name"
+    section = "strategy.optimizer"
+    name: str = "none"
+
+    @staticmethod
+    def registry() -> Registry:
+        from fedllm.strategies.optimizers import SERVER_OPTIMIZERS
+
+        return SERVER_OPTIMIZERS
+
+
 class StrategySection(NamedSection):
     """``name`` picks the fusion rule (``fedllm.strategies``); the keys below are every rule's."""
 
@@ -184,6 +198,8 @@ class StrategySection(NamedSection):
     section = "strategy"
     name: str = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    # The server optimiser that steps on the fused delta (fedavgm, fedadagrad, fedadam, fedyogi; none: FedAvg's)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     # fixed: round(fraction_train x N) clients a round; poisson: each with probability fraction_train
     # (what DP's sub-sampling amplification assumes); see fedllm/apps/sampling.py
     sampling: Literal["fixed", "poisson"] = "fixed"

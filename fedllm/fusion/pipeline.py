@@ -2,7 +2,8 @@
 
     updates -> stack (client-id order) -> channel (one call for the batch)
             -> fusion space (LoRA factors -> weight deltas B @ A, when fused so)
-            -> fusion rule (DP wraps it) -> scale (fixed, or searched on validation data)
+            -> fusion rule (DP wraps it) -> server optimiser (FedAdam, ...: its step on the fused delta)
+            -> scale (fixed, or searched on validation data)
             -> apply to the global parameters -> the rule's post-merge hook (R-MTLLMF's realignment)
             -> fusion metrics (when asked)
 
@@ -27,6 +28,7 @@ from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, 
 from fedllm.fusion.lora_products import LoraProducts
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
 from fedllm.strategies import FusionRule, build_rule
+from fedllm.strategies.optimizers import build_optimizer
 from fedllm.workloads import Workload
 
 
@@ -112,6 +114,7 @@ class FusionPipeline:
         self.fusion_layout = self.lora.weight_layout if self.lora is not None else self.layout
         self.channel = channel or build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
         self.rule: FusionRule = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
+        self.optimizer = build_optimizer(cfg.strategy.optimizer.name, cfg.strategy.optimizer.params())
         self.rule.check(bundle)
         strategy = cfg.strategy
         self.dp = (DifferentiallyPrivate(self.rule, strategy.dp_clip_norm, strategy.dp_noise_multiplier, cfg.seed + 17)
@@ -164,9 +167,12 @@ class FusionPipeline:
             self.bundle, apply_update(global_params, fused, self.fusion_layout, lam)) for lam in grid}
         return max(grid, key=lambda lam: scores[str(lam)]), scores
 
-    def merge(self, global_params: Tensors, fused: torch.Tensor | None, seed: int) -> tuple[Tensors, dict[str, Any]]:
-        """Scale and apply the fused delta, then the rule's post-merge hook."""
+    def merge(self, global_params: Tensors, fused: torch.Tensor | None, seed: int,
+              server_round: int = 1) -> tuple[Tensors, dict[str, Any]]:
+        """The server optimiser's step on the fused delta, scaled and applied, then the rule's post-merge hook."""
         record: dict[str, Any] = {}
+        if fused is not None:
+            fused = self.optimizer.step(fused, server_round)
         scale, by_lr = self.choose_scale(global_params, fused)
         if by_lr:
             record["validation_by_lr"] = by_lr
@@ -177,7 +183,7 @@ class FusionPipeline:
 
     # ---------------------------------------------------------------- a server round
     def __call__(self, global_params: Tensors, updates: list[ClientUpdate], seed: int,
-                 population: int | None = None) -> tuple[Tensors, dict[str, Any]]:
+                 population: int | None = None, server_round: int = 1) -> tuple[Tensors, dict[str, Any]]:
         """The round's new global parameters and its record; ``population``: the clients sampling draws
         from (DP divides by the expected cohort, fraction_train x population)."""
         if self.dp is not None:
@@ -185,7 +191,7 @@ class FusionPipeline:
         fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space)
         if self.ledger is not None and fused is not None:
             record["dp_epsilon"] = self.ledger.spend()
-        merged, merge_record = self.merge(global_params, fused, seed)
+        merged, merge_record = self.merge(global_params, fused, seed, server_round)
         record.update(merge_record)
         if self.cfg.eval.fusion_metrics:  # each task's own model from its clean (pre-channel) task vector
             individual = {int(u.metrics["task"]): apply_update(global_params, self.to_fusion_space(u.delta[None])[0],
@@ -198,12 +204,13 @@ class FusionPipeline:
     def state(self) -> dict[str, Any]:
         return {"channel_rng": self.channel.generator.get_state(), "rule_rng": self.rule.generator.get_state(),
                 "dp_rng": self.dp.generator.get_state() if self.dp else None,
-                "dp_rounds": self.ledger.rounds if self.ledger else 0}
+                "dp_rounds": self.ledger.rounds if self.ledger else 0, "optimizer": self.optimizer.state_dict()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.channel.generator.set_state(state["channel_rng"])
         self.rule.generator.set_state(state["rule_rng"])
         if self.dp is not None and state.get("dp_rng") is not None:
             self.dp.generator.set_state(state["dp_rng"])
+        self.optimizer.load_state_dict(state.get("optimizer", {}))
         if self.ledger is not None:  # checkpoints made before the ledger kept the count in the run's totals
             self.ledger.rounds = state.get("dp_rounds", state.get("totals", {}).get("dp_rounds", 0))
