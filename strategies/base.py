@@ -27,6 +27,10 @@ class RuleParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class InsufficientUpdates(ValueError):
+    """A rule that cannot fuse this few updates (e.g. Bulyan below 4f + 3): the round keeps the model."""
+
+
 class MergeContext(Protocol):
     """What a rule's post-merge hook may use of the server (the fusion pipeline implements it)."""
 

@@ -27,7 +27,7 @@ from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, unflatten
 from fedllm.fusion.lora_products import LoraProducts
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
-from fedllm.strategies import FusionRule, build_rule
+from fedllm.strategies import FusionRule, InsufficientUpdates, build_rule
 from fedllm.strategies.optimizers import build_optimizer
 from fedllm.workloads import Workload
 
@@ -53,7 +53,11 @@ def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: Channel
         fused = received[0]
     elif keep.any():
         rows = to_fusion_space(received) if to_fusion_space is not None else received
-        fused = rule(rows[keep], weights[keep])
+        try:
+            fused = rule(rows[keep], weights[keep])
+        except InsufficientUpdates as why:  # the round keeps the model, and says why
+            record["fusion_skipped"] = str(why)
+            return None, record
     else:
         record["all_lost"] = True
         return None, record
