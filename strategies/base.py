@@ -11,13 +11,14 @@ with it without knowing rule names.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedllm.core.registry import Registry, validate_params
-from fedllm.core.vectors import Tensors
+from fedllm.core.vectors import Layout, Tensors
 
 if TYPE_CHECKING:
     from fedllm.core.bundle import ModelBundle
@@ -25,6 +26,15 @@ if TYPE_CHECKING:
 
 class RuleParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class FusionSpace:
+    """What the fused rows are: their tensors, and the tensors of each per-client statistic a rule
+    fuses with (e.g. a diagonal Fisher in the rows' own layout, Gram matrices of linear layers' inputs)."""
+
+    layout: Layout
+    statistics: Mapping[str, Layout] = field(default_factory=dict)
 
 
 class InsufficientUpdates(ValueError):
@@ -62,11 +72,29 @@ class FusionRule:
         self.params = params or self.Params()
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def client_statistics(self) -> dict[str, dict[str, Any]]:
+        """What each client computes on its own data and sends with its update for this rule to fuse
+        with (name -> its settings); none for most rules."""
+        return {}
+
+    def __call__(self, deltas: torch.Tensor, weights: torch.Tensor,
+                 stats: Mapping[str, torch.Tensor] | None = None, space: FusionSpace | None = None) -> torch.Tensor:
         check_inputs(deltas, weights)
-        return self.fuse(deltas, weights)
+        needed = self.client_statistics()
+        if not needed:
+            return self.fuse(deltas, weights)
+        missing = sorted(set(needed) - set(stats or {}))
+        if missing or space is None:
+            raise ValueError(f"{type(self).__name__} fuses with the clients' {', '.join(sorted(needed))}; "
+                             f"missing: {', '.join(missing) or 'the layout'}")
+        return self.fuse_with(deltas, weights, dict(stats or {}), space)
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fuse_with(self, deltas: torch.Tensor, weights: torch.Tensor, stats: dict[str, torch.Tensor],
+                  space: FusionSpace) -> torch.Tensor:
+        """Fusion that also uses per-client statistics (rows in the order of ``deltas``)."""
         raise NotImplementedError
 
     def check(self, bundle: "ModelBundle") -> None:

@@ -22,6 +22,7 @@ from fedllm.config import ConfigError, ExperimentConfig, config_from_json
 from fedllm.core.bundle import ModelBundle
 from fedllm.core.faults import apply_fault
 from fedllm.core.vectors import get_tensors, set_tensors, subtract
+from fedllm.strategies import build_rule
 from fedllm.workloads import Workload, workload_for
 
 LOCAL_STATE = "fedllm.local"
@@ -116,7 +117,11 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     for fault in cfg.client.faults:
         if fault.hits(job.partition_id, job.num_partitions, cfg.seed):
             delta = apply_fault(fault, delta, metrics, seed=ctx.seed)
-    return reply_content(delta, metrics)
+    # what the fusion rule fuses with besides the update (a Fisher, Gram matrices), of the trained model
+    requested = build_rule(cfg.strategy.name, cfg.strategy.params()).client_statistics()
+    stats = (job.workload.client_statistics(bundle, job.data, requested, bundle.groups.global_names)
+             if requested else None)
+    return reply_content(delta, metrics, stats)
 
 
 def evaluate_round(content: RecordDict, context: Context) -> RecordDict:

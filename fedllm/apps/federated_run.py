@@ -74,7 +74,7 @@ class Replies:
     arrived: int = 0  # replies from the clients themselves (errors they raised included)
     payloads: int = 0  # replies that carried a payload: what used the uplink
 
-    def take(self, node: int, reply: Message, layout: Layout) -> None:
+    def take(self, node: int, reply: Message, layout: Layout, stat_layouts: dict[str, Layout]) -> None:
         if reply.has_error() and reply.error.code in GONE:  # the SuperLink answered for a node that is gone
             self.missing.append(node)
             log.warning("node %s is unavailable: %s", node, reply.error.reason)
@@ -82,7 +82,7 @@ class Replies:
         self.arrived += 1
         self.payloads += int(not reply.has_error() and DELTA in reply.content.array_records)
         try:
-            self.updates.append(parse_reply(reply, layout, node))
+            self.updates.append(parse_reply(reply, layout, node, stat_layouts))
         except RejectedReply as why:
             self.rejected.append(str(why))
 
@@ -99,7 +99,8 @@ class FederatedRun:
         self.bundle = self.workload.build_model()
         self.pipeline = FusionPipeline(cfg, self.workload, self.bundle)
         self.global_params = self.pipeline.initial_global()
-        self.payload_bytes = self.pipeline.layout.numel * 4  # what a client sends
+        # what a client sends: its update and the statistics the rule fuses with
+        self.payload_bytes = 4 * (self.pipeline.layout.numel + sum(l.numel for l in self.pipeline.stat_layouts.values()))
         self.down_bytes = sum(t.numel() for t in self.global_params.values()) * 4
         self.rng = random.Random(cfg.seed)
         self.config_json = cfg.to_json()
@@ -188,7 +189,7 @@ class FederatedRun:
             for reply in self.grid.pull_messages(list(pending)):
                 message_id = reply.metadata.reply_to_message_id
                 pending.discard(message_id)
-                out.take(node_of[message_id], reply, self.pipeline.layout)
+                out.take(node_of[message_id], reply, self.pipeline.layout, self.pipeline.stat_layouts)
             if pending:
                 time.sleep(0.05)
         waited = time.monotonic() - started

@@ -32,15 +32,41 @@ def round_content(global_params: dict[str, torch.Tensor], config_json: str, serv
     })
 
 
-def reply_content(delta: dict[str, torch.Tensor], metrics: dict[str, float | int]) -> RecordDict:
-    return RecordDict({DELTA: ArrayRecord(torch_state_dict=delta), METRICS: MetricRecord(metrics)})
+STAT = "stat."  # + the statistic's name: per-client statistics a fusion rule fuses with
+
+
+def reply_content(delta: dict[str, torch.Tensor], metrics: dict[str, float | int],
+                  stats: dict[str, dict[str, torch.Tensor]] | None = None) -> RecordDict:
+    content = RecordDict({DELTA: ArrayRecord(torch_state_dict=delta), METRICS: MetricRecord(metrics)})
+    for name, tensors in (stats or {}).items():
+        content[STAT + name] = ArrayRecord(torch_state_dict=tensors)
+    return content
+
+
+def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str) -> torch.Tensor:
+    names = list(arrays.keys())
+    if set(names) != set(layout.names):
+        missing = sorted(set(layout.names) - set(names))[:3]
+        extra = sorted(set(names) - set(layout.names))[:3]
+        raise RejectedReply(f"client {node}: {what} names do not match (missing {missing}, unexpected {extra})")
+    tensors = arrays.to_torch_state_dict()
+    for name, shape in zip(layout.names, layout.shapes):
+        if tuple(tensors[name].shape) != shape:
+            raise RejectedReply(f"client {node}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+                                + ("" if what == "parameter" else f" (in its {what})"))
+    flat = flatten(tensors, layout)
+    if not torch.isfinite(flat).all():
+        raise RejectedReply(f"client {node}: {'delta' if what == 'parameter' else what} has "
+                            f"{int((~torch.isfinite(flat)).sum())} NaN/Inf values")
+    return flat
 
 
 class RejectedReply(ValueError):
     """A reply the server will not fuse; ``str()`` is the logged reason."""
 
 
-def parse_reply(msg: Message, layout: Layout, node: int | None = None) -> ClientUpdate:
+def parse_reply(msg: Message, layout: Layout, node: int | None = None,
+                stat_layouts: dict[str, Layout] | None = None) -> ClientUpdate:
     """Turn a client reply into a flat delta, or raise :class:`RejectedReply` saying why (``node``: the
     node the message was sent to; by default the reply's sender)."""
     node = msg.metadata.src_node_id if node is None else node
@@ -50,25 +76,17 @@ def parse_reply(msg: Message, layout: Layout, node: int | None = None) -> Client
     content = msg.content
     if DELTA not in content.array_records or METRICS not in content.metric_records:
         raise RejectedReply(f"client {node}: reply lacks '{DELTA}' or '{METRICS}' records")
-    arrays = content.array_records[DELTA]
-    names = list(arrays.keys())
-    if set(names) != set(layout.names):
-        missing = sorted(set(layout.names) - set(names))[:3]
-        extra = sorted(set(names) - set(layout.names))[:3]
-        raise RejectedReply(f"client {node}: parameter names do not match (missing {missing}, unexpected {extra})")
-    tensors = arrays.to_torch_state_dict()
-    for name, shape in zip(layout.names, layout.shapes):
-        if tuple(tensors[name].shape) != shape:
-            raise RejectedReply(f"client {node}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
-    flat = flatten(tensors, layout)
-    if not torch.isfinite(flat).all():
-        bad = int((~torch.isfinite(flat)).sum())
-        raise RejectedReply(f"client {node}: delta has {bad} NaN/Inf values")
+    flat = _checked_flat(content.array_records[DELTA], layout, node, "parameter")
+    stats = {}
+    for name, stat_layout in (stat_layouts or {}).items():
+        if STAT + name not in content.array_records:
+            raise RejectedReply(f"client {node}: reply lacks the '{name}' statistics the fusion rule needs")
+        stats[name] = _checked_flat(content.array_records[STAT + name], stat_layout, node, name)
     metrics = dict(content.metric_records[METRICS])
     num_examples = int(metrics.get(NUM_EXAMPLES, 0))
     if num_examples <= 0:
         raise RejectedReply(f"client {node}: reported {num_examples} examples")
-    return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()})
+    return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()}, stats)
 
 
 def reject_outlier_norms(updates: list[ClientUpdate], ratio: float | None) -> tuple[list[ClientUpdate], list[str]]:

@@ -71,6 +71,15 @@ def frozen_layers_where_needed(cfg: "ExperimentConfig") -> None:
                          "never sent: set peft.frozen_patterns (e.g. [embeddings])")
 
 
+def statistics_in_the_fused_space(cfg: "ExperimentConfig") -> None:
+    rule = cfg.strategy.registry().get(cfg.strategy.name)
+    params = cfg.strategy.registry().validate(cfg.strategy.name, cfg.strategy.params(), "strategy")
+    needed = rule(params).client_statistics()
+    if "fisher" in needed and cfg.peft.fuse_lora_as == "weight_delta":
+        raise ValueError("strategy 'fisher' weighs the tensors a client sends; with peft.fuse_lora_as "
+                         "'weight_delta' the server fuses B @ A instead: use fuse_lora_as: factors or regmean")
+
+
 def personalisation_keeps_a_local_part(cfg: "ExperimentConfig") -> None:
     if _rule(cfg).needs_local_part and not cfg.peft.local_patterns:
         raise ValueError(f"strategy {cfg.strategy.name!r} keeps a personal part on every client: set "
@@ -93,7 +102,7 @@ def a_summed_uplink_needs_averaging(cfg: "ExperimentConfig") -> None:
 
 RULES: list[Callable[["ExperimentConfig"], None]] = [
     rl_goes_with_the_rl_trainer, dp_is_for_averaging, amplification_needs_poisson_sampling, only_local_only_sends_nothing, frozen_layers_where_needed,
-    personalisation_keeps_a_local_part, a_summed_uplink_needs_averaging,
+    personalisation_keeps_a_local_part, statistics_in_the_fused_space, a_summed_uplink_needs_averaging,
 ]
 
 

@@ -41,5 +41,5 @@ def validation_messages(err: ValidationError, prefix: str = "",
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + unknown_key_hint(loc)
         # a section's own check may already name the key in full (strategy.k: ...): say it once
-        lines.append(msg if msg.startswith(f"{key}.") else f"{key}: {msg}")
+        lines.append(msg if not key or msg.startswith(f"{key}.") else f"{key}: {msg}")
     return lines

@@ -41,6 +41,7 @@ class ClientUpdate:
     delta: torch.Tensor  # flat, in the server's layout
     num_examples: int
     metrics: dict[str, float]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # flat statistics a fusion rule asked for
 
     @property
     def client_id(self) -> str:

@@ -23,11 +23,13 @@ import torch
 from fedllm.channels import Channel, ChannelReport, ClientMeta, build_channel
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle
+from fedllm.core.errors import ConfigError
+from fedllm.core.modules import sent_linear_layers
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, unflatten
 from fedllm.fusion.lora_products import LoraProducts
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
-from fedllm.strategies import FusionRule, InsufficientUpdates, build_rule
+from fedllm.strategies import FusionRule, FusionSpace, InsufficientUpdates, build_rule
 from fedllm.strategies.optimizers import build_optimizer
 from fedllm.workloads import Workload
 
@@ -42,11 +44,13 @@ def apply_update(global_params: Tensors, fused: torch.Tensor | None, layout: Lay
 
 
 def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: ChannelReport, rule: FusionRule,
-                  to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  stats: dict[str, torch.Tensor] | None = None, space: FusionSpace | None = None,
                   ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The fused delta of what arrived (``None`` if every payload was lost) and the channel's record.
     ``to_fusion_space`` maps received rows to what is fused when that is not what was sent (LoRA
-    factors -> weight deltas); the channel always sees the payload."""
+    factors -> weight deltas); the channel always sees the payload. ``stats``: the received per-client
+    statistics the rule fuses with (rows as ``received``), ``space`` what the rows and statistics are."""
     record: dict[str, Any] = report.summary()
     keep = ~report.dropped
     if report.aggregated:  # over-the-air: the channel already delivered the weighted mean
@@ -54,7 +58,8 @@ def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: Channel
     elif keep.any():
         rows = to_fusion_space(received) if to_fusion_space is not None else received
         try:
-            fused = rule(rows[keep], weights[keep])
+            kept_stats = {name: rows_[keep] for name, rows_ in (stats or {}).items()}
+            fused = rule(rows[keep], weights[keep], kept_stats, space)
         except InsufficientUpdates as why:  # the round keeps the model, and says why
             record["fusion_skipped"] = str(why)
             return None, record
@@ -66,16 +71,35 @@ def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: Channel
 
 
 def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule,
-                 to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+                 to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 space: FusionSpace | None = None) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """Stack the updates, send them through the channel in one call, fuse what arrived. Updates are
     put in client-id order first: replies arrive in any order, and the channel's noise draws and the
-    fusion's float sums must not depend on it (reproducible runs, resume)."""
+    fusion's float sums must not depend on it (reproducible runs, resume). Statistics a rule fuses with
+    cross the same uplink after the updates, one channel call each."""
     updates = sorted(updates, key=lambda u: u.client_id)
     batch = torch.stack([u.delta for u in updates])
     weights = torch.tensor([float(u.num_examples) for u in updates])
-    received, report = channel.transmit(batch, ClientMeta(ids=[u.client_id for u in updates], num_examples=weights))
-    return fuse_received(received, weights, report, rule, to_fusion_space)
+    meta = ClientMeta(ids=[u.client_id for u in updates], num_examples=weights)
+    received, report = channel.transmit(batch, meta)
+    stats = {name: channel.transmit(torch.stack([u.stats[name] for u in updates]), meta)[0]
+             for name in sorted(updates[0].stats)}
+    return fuse_received(received, weights, report, rule, to_fusion_space, stats, space)
+
+
+def statistic_layouts(requested: dict[str, Any], bundle: ModelBundle, sent: Layout) -> dict[str, Layout]:
+    """The tensors of each per-client statistic a rule asks for: a Fisher has the update's own layout;
+    Gram matrices are (inputs x inputs), one per sent linear layer (fedllm/core/modules.py)."""
+    layouts = {}
+    for name in requested:
+        if name == "fisher":
+            layouts[name] = sent
+        elif name == "gram":
+            layers = sent_linear_layers(bundle.model, bundle.groups.global_names)
+            layouts[name] = Layout(tuple(layers), tuple((m.in_features, m.in_features) for m in layers.values()))
+        else:
+            raise ConfigError(f"no layout for the client statistic {name!r}")
+    return layouts
 
 
 @dataclass
@@ -119,6 +143,8 @@ class FusionPipeline:
         self.channel = channel or build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
         self.rule: FusionRule = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
         self.optimizer = build_optimizer(cfg.strategy.optimizer.name, cfg.strategy.optimizer.params())
+        self.stat_layouts = statistic_layouts(self.rule.client_statistics(), bundle, self.layout)
+        self.space = FusionSpace(self.fusion_layout, self.stat_layouts)
         self.rule.check(bundle)
         strategy = cfg.strategy
         self.dp = (DifferentiallyPrivate(self.rule, strategy.dp_clip_norm, strategy.dp_noise_multiplier, cfg.seed + 17)
@@ -154,10 +180,10 @@ class FusionPipeline:
         """Received rows as what is fused (LoRA factors -> weight deltas); the channel saw the payload."""
         return self.lora(rows) if self.lora is not None else rows
 
-    def fuse(self, received: torch.Tensor, weights: torch.Tensor, report: ChannelReport
-             ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    def fuse(self, received: torch.Tensor, weights: torch.Tensor, report: ChannelReport,
+             stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, dict[str, Any]]:
         """The fused delta of what arrived (``None`` if every payload was lost) and the channel's record."""
-        return fuse_received(received, weights, report, self.dp or self.rule, self.to_fusion_space)
+        return fuse_received(received, weights, report, self.dp or self.rule, self.to_fusion_space, stats, self.space)
 
     def choose_scale(self, global_params: Tensors, fused: torch.Tensor | None) -> tuple[float, dict[str, float]]:
         """``strategy.server_lr``, or with ``auto`` the value of ``lr_grid`` whose merged model scores
@@ -192,7 +218,7 @@ class FusionPipeline:
         from (DP divides by the expected cohort, fraction_train x population)."""
         if self.dp is not None:
             self.dp.expected_cohort = self.cfg.strategy.fraction_train * population if population else None
-        fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space)
+        fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space, self.space)
         if self.ledger is not None and fused is not None:
             record["dp_epsilon"] = self.ledger.spend()
         merged, merge_record = self.merge(global_params, fused, seed, server_round)

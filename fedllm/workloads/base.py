@@ -15,7 +15,7 @@ multi-task fusion metrics.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sized
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -79,6 +79,13 @@ class Workload(ABC):
     def train_context(self, data: Sized, partition_id: int, seed: int,
                       anchor: Tensors | None) -> TrainContext:
         """What the trainer needs besides the model and the data."""
+
+    def client_statistics(self, bundle: ModelBundle, data: Sized, requested: Mapping[str, Mapping[str, Any]],
+                          sent: Sequence[str]) -> dict[str, Tensors]:
+        """Statistics of the client's own data that a fusion rule fuses with (``requested``: name ->
+        settings, e.g. ``fisher`` or ``gram``), over the tensors of ``sent``."""
+        raise ConfigError(f"the {self.name!r} workload computes no client statistics "
+                          f"({', '.join(requested)}); choose another strategy")
 
     def data_metrics(self, data: Sized) -> dict[str, float]:
         """Facts about a client's data the server records (e.g. which task it holds)."""

@@ -9,7 +9,7 @@ keeps each task's test split for the global model and a validation split for its
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.clients import TrainContext
-from fedllm.core.bundle import ModelBundle, forward_logits
+from fedllm.core.bundle import CHARS_PER_TOKEN_BOUND, ModelBundle, forward_logits
+from fedllm.core.errors import ConfigError
+from fedllm.core.modules import sent_linear_layers
 from fedllm.core.types import Examples
 from fedllm.core.vectors import Tensors, set_tensors
 from fedllm.workloads.base import WORKLOADS, ClientEvaluation, Evaluation, Workload
@@ -40,6 +42,60 @@ def few_shot_set(pool: Examples, num_tasks: int, shots: int, seed: int) -> Examp
         idx = [i for i, task in enumerate(pool.tasks) if task == t]
         chosen += rng.sample(idx, min(shots, len(idx)))
     return pool.subset(sorted(chosen))
+
+
+def _first(data: Examples, n: int) -> Examples:
+    return data.subset(list(range(min(n, len(data)))))
+
+
+def empirical_fisher(bundle: ModelBundle, data: Examples, suite: TaskSuite, max_length: int, sent: Sequence[str],
+                     examples: int) -> Tensors:
+    params = dict(bundle.model.named_parameters())
+    total = {n: torch.zeros_like(params[n], device="cpu") for n in sent}
+    chosen = _first(data, examples)
+    bundle.model.eval()
+    for i in range(len(chosen)):
+        one = chosen.subset([i])
+        logits = forward_logits(bundle, bundle.model, one.texts, one.tasks, suite.label_ranges, max_length)
+        loss = F.cross_entropy(logits, torch.tensor(one.labels, device=logits.device))
+        grads = torch.autograd.grad(loss, [params[n] for n in sent], allow_unused=True)
+        for n, g in zip(sent, grads):
+            if g is not None:
+                total[n] += g.detach().cpu().pow(2)
+    return {n: t / max(1, len(chosen)) for n, t in total.items()}
+
+
+@torch.no_grad()
+def input_grams(bundle: ModelBundle, data: Examples, suite: TaskSuite, max_length: int, sent: Sequence[str],
+                examples: int, batch_size: int) -> Tensors:
+    """Padding positions are left out, so the result does not depend on how examples are batched."""
+    layers = sent_linear_layers(bundle.model, sent)
+    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    real_tokens: list[torch.Tensor] = []  # the current batch's attention mask
+
+    def accumulate(name: str):
+        def hook(module, args, output) -> None:  # returns None: the layer's output is left as it is
+            x = args[0].detach()
+            mask = real_tokens[-1]
+            x = x[mask.to(x.device)] if x.dim() == 3 and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
+            x = x.double().cpu()
+            grams[name].add_(x.T @ x)
+        return hook
+
+    hooks = [module.register_forward_hook(accumulate(name)) for name, module in layers.items()]
+    chosen = _first(data, examples)
+    bundle.model.eval()
+    try:
+        for start in range(0, len(chosen), batch_size):
+            part = chosen.subset(list(range(start, min(start + batch_size, len(chosen)))))
+            texts = [t[: max_length * CHARS_PER_TOKEN_BOUND] for t in part.texts]
+            real_tokens.append(bundle.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                                                return_tensors="pt")["attention_mask"].bool())
+            forward_logits(bundle, bundle.model, part.texts, part.tasks, suite.label_ranges, max_length)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: (g / max(1, len(chosen))).float() for name, g in grams.items()}
 
 
 @WORKLOADS.register("classification")
@@ -85,6 +141,23 @@ class Classification(Workload):
     def train_context(self, data: Examples, partition_id: int, seed: int, anchor: Tensors | None) -> TrainContext:
         return TrainContext(self.cfg.client, self.suite.label_ranges, self.cfg.model.max_length, seed=seed,
                             anchor=anchor)
+
+    def client_statistics(self, bundle: ModelBundle, data: Examples, requested: Mapping[str, Mapping[str, Any]],
+                          sent: Sequence[str]) -> dict[str, Tensors]:
+        """``fisher``: the diagonal empirical Fisher of the sent tensors, mean over examples of the squared
+        gradient of log p(y | x); ``gram``: X^T X of the inputs of every sent linear layer, over all
+        tokens, divided by the number of examples (as FusionBench's RegMean)."""
+        out: dict[str, Tensors] = {}
+        if "fisher" in requested:
+            out["fisher"] = empirical_fisher(bundle, data, self.suite, self.cfg.model.max_length, sent,
+                                             int(requested["fisher"]["examples"]))
+        if "gram" in requested:
+            out["gram"] = input_grams(bundle, data, self.suite, self.cfg.model.max_length, sent,
+                                      int(requested["gram"]["examples"]), self.cfg.eval.batch_size)
+        unknown = sorted(set(requested) - {"fisher", "gram"})
+        if unknown:
+            raise ConfigError(f"the classification workload cannot compute the client statistics {unknown}")
+        return out
 
     def data_metrics(self, data: Examples) -> dict[str, float]:
         own_tasks = set(data.tasks)

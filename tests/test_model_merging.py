@@ -1,0 +1,146 @@
+"""Merging rules beyond task arithmetic: weighted average, Breadcrumbs, Fisher and RegMean, against
+closed forms, FusionBench's own merging functions (fusion-bench 0.2.33) and a least-squares oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedllm.config import ConfigError, load_config
+from fedllm.core.vectors import Layout, flatten
+from fedllm.strategies import FusionSpace, build_rule
+
+
+def test_weighted_average_normalises_the_given_weights():
+    deltas = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, -2.0]])
+    fused = build_rule("weighted_average", {"weights": [1.0, 1.0, 2.0]})(deltas, torch.ones(3))
+    assert torch.allclose(fused, torch.tensor([(1 + 3 + 10) / 4, (2 + 6 - 4) / 4]))
+    raw = build_rule("weighted_average", {"weights": [1.0, 1.0, 2.0], "normalize": False})(deltas, torch.ones(3))
+    assert torch.allclose(raw, torch.tensor([14.0, 4.0]))
+    with pytest.raises(ValueError, match="3 weights for 2 client updates"):
+        build_rule("weighted_average", {"weights": [1.0, 1.0, 2.0]})(deltas[:2], torch.ones(2))
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest_magnitudes():
+    row = torch.tensor([[10.0, -9.0, 8.0, -7.0, 6.0, -5.0, 4.0, -3.0, 2.0, -1.0]])
+    # gamma 0.1 drops the largest (10); density 0.5 keeps the next five; the four smallest go too
+    fused = build_rule("breadcrumbs", {"gamma": 0.1, "density": 0.5})(torch.cat([row, -row]), torch.ones(2))
+    assert torch.equal(fused, torch.zeros(10))  # the two rows cancel exactly where kept
+    kept = build_rule("breadcrumbs", {"gamma": 0.1, "density": 0.5})(row, torch.ones(1))
+    assert kept.tolist() == [0.0, -9.0, 8.0, -7.0, 6.0, -5.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def _models(seed: int = 0, n: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    layout = Layout(("lin.weight", "lin.bias", "norm.weight"), ((4, 5), (4,), (5,)))
+    theta0 = {name: torch.randn(shape, generator=g) for name, shape in zip(layout.names, layout.shapes)}
+    taus = [{name: 0.3 * torch.randn(shape, generator=g) for name, shape in zip(layout.names, layout.shapes)}
+            for _ in range(n)]
+    return layout, theta0, taus
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fisher_merging_equals_fusionbench(normalize):
+    from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
+
+    layout, theta0, taus = _models(1)
+    g = torch.Generator().manual_seed(9)
+    fishers = [{n: torch.rand(s, generator=g) * (i + 1) for n, s in zip(layout.names, layout.shapes)}
+               for i in range(3)]
+    reference = merging_with_fisher_weights({n: [theta0[n] + t[n] for t in taus] for n in layout.names}, fishers,
+                                            torch.ones(3), normalize_fisher_weight=normalize)
+    rule = build_rule("fisher", {"normalize": normalize})
+    fused = rule(torch.stack([flatten(t, layout) for t in taus]), torch.ones(3),
+                 {"fisher": torch.stack([flatten(f, layout) for f in fishers])}, FusionSpace(layout, {"fisher": layout}))
+    assert torch.allclose(flatten(theta0, layout) + fused, flatten(reference, layout), atol=1e-5)
+
+
+def test_regmean_equals_fusionbench_and_least_squares():
+    from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
+
+    layout, theta0, taus = _models(2)
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(0, 1 + i, (50, 5)) for i in range(3)]  # each client's inputs to `lin`
+    grams = [torch.tensor(x.T @ x, dtype=torch.float32) for x in inputs]
+    gram_layout = Layout(("lin.weight",), ((5, 5),))
+    fused = build_rule("regmean", {})(torch.stack([flatten(t, layout) for t in taus]), torch.ones(3),
+                                      {"gram": torch.stack([g.reshape(-1) for g in grams])},
+                                      FusionSpace(layout, {"gram": gram_layout}))
+    merged = {n: theta0[n] + t.reshape(s) for n, t, s in zip(layout.names, torch.split(fused, layout.sizes), layout.shapes)}
+    reference = merging_with_regmean_weights({n: [theta0[n] + t[n] for t in taus] for n in layout.names},
+                                             [{"lin": g} for g in grams])
+    for name in layout.names:
+        assert torch.allclose(merged[name], reference[name], atol=1e-4), name
+    # RegMean's weight is the least-squares fit to every client's outputs on its own inputs
+    targets = np.concatenate([x @ (theta0["lin.weight"] + t["lin.weight"]).numpy().T for x, t in zip(inputs, taus)])
+    solution, *_ = np.linalg.lstsq(np.concatenate(inputs), targets, rcond=None)
+    assert np.allclose(merged["lin.weight"].numpy(), solution.T, atol=1e-4)
+    assert torch.allclose(merged["lin.bias"], theta0["lin.bias"] + sum(t["lin.bias"] for t in taus) / 3, atol=1e-6)
+
+
+def test_the_client_statistics_are_what_the_rules_assume(tiny_overrides):
+    """Gram matrices from the forward hooks equal X^T X of the inputs the layer really saw; the Fisher is
+    the mean squared per-example gradient."""
+    from fedllm.apps.client_app import _prepare  # noqa: F401  (the client's import path)
+    from fedllm.core.bundle import forward_logits
+    from fedllm.workloads import workload_for
+    from fedllm.workloads.classification import empirical_fisher, input_grams
+
+    cfg = load_config(None, [*tiny_overrides, "strategy.name=regmean"])
+    workload = workload_for(cfg)
+    bundle = workload.build_model()
+    data = workload.client_data(0, 2, {}).subset(list(range(6)))
+    layer = "bert.encoder.layer.0.attention.self.query.weight"
+    grams = input_grams(bundle, data, workload.suite, 32, bundle.groups.global_names, 6, 4)
+    assert layer in grams and grams[layer].shape == (64, 64)
+    seen = []  # one example at a time: no padding at all
+    module = dict(bundle.model.named_modules())[layer.removesuffix(".weight")]
+    hook = module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().reshape(-1, 64)))
+    with torch.no_grad():
+        for i in range(6):
+            forward_logits(bundle, bundle.model, [data.texts[i]], [data.tasks[i]], workload.suite.label_ranges, 32)
+    hook.remove()
+    x = torch.cat(seen).double()
+    assert torch.allclose(grams[layer].double(), x.T @ x / 6, rtol=1e-4, atol=1e-4)
+    sent = ["classifier.weight"]
+    fisher = empirical_fisher(bundle, data, workload.suite, 32, sent, 3)["classifier.weight"]
+    squares = []
+    for i in range(3):
+        bundle.model.zero_grad()
+        logits = forward_logits(bundle, bundle.model, [data.texts[i]], [data.tasks[i]], workload.suite.label_ranges, 32)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([data.labels[i]])).backward()
+        squares.append(dict(bundle.model.named_parameters())["classifier.weight"].grad.clone() ** 2)
+    assert torch.allclose(fisher, sum(squares) / 3, atol=1e-7)
+
+
+def test_rules_that_need_statistics_are_checked():
+    with pytest.raises(ConfigError, match="strategy 'fisher' weighs the tensors a client sends"):
+        load_config(None, ["strategy.name=fisher", "peft.fuse_lora_as=weight_delta"])
+    with pytest.raises(ConfigError, match="only goes with fedavg or personalized"):  # DP wraps averaging rules only
+        load_config(None, ["strategy.name=regmean", "strategy.dp_clip_norm=1"])
+    with pytest.raises(ValueError, match="fuses with the clients' gram; missing: gram"):
+        build_rule("regmean", {})(torch.zeros(2, 3), torch.ones(2))
+
+
+@pytest.mark.slow
+def test_a_regmean_round_sends_and_fuses_the_gram_matrices(tiny_overrides, tmp_path):
+    from flwr.simulation import run_simulation
+
+    from fedllm.apps.client_app import app as client_app
+    from fedllm.apps.server_app import make_server_app
+    from fedllm.results.writer import read_metrics
+    from fedllm.workloads import workload_for
+
+    cfg = load_config(None, [*tiny_overrides, "rounds=1", "client.max_steps=3", "strategy.name=regmean",
+                             "strategy.examples=16", "data.tasks=[topic, question]", "data.partition=task"])
+    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+    record = read_metrics(next((tmp_path / "results").glob("*/*")))[1]
+    bundle = workload_for(cfg).build_model()
+    params = dict(bundle.model.named_parameters())
+    sent = sum(params[n].numel() for n in bundle.groups.global_names)
+    linear_inputs = [params[n].shape[1] for n in bundle.groups.global_names
+                     if n.endswith(".weight") and params[n].dim() == 2 and "embeddings" not in n]
+    assert record["clients_used"] == 2 and record["bytes_up_per_client"] == 4 * (sent + sum(i * i for i in linear_inputs))
+    assert record["accuracy"] > 0
