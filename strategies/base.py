@@ -46,6 +46,8 @@ class MergeContext(Protocol):
 
     bundle: "ModelBundle"  # the server's model
     seed: int  # this round's seed
+    before: Tensors  # the global parameters before this round's update
+    space: "FusionSpace"  # what the fused rows are
 
     def load(self, params: Tensors) -> None:
         """Put ``params`` into the server's model."""
@@ -53,8 +55,11 @@ class MergeContext(Protocol):
     def few_shot(self, shots: int) -> Any:
         """``shots`` labelled examples per task, held by the server."""
 
-    def loss(self, examples: Any) -> torch.Tensor:
-        """The model's loss on ``examples`` (differentiable)."""
+    def loss(self, examples: Any, model: "torch.nn.Module | None" = None) -> torch.Tensor:
+        """The loss of ``model`` (default: the server's) on ``examples`` (differentiable)."""
+
+    def entropy(self, examples: Any, model: "torch.nn.Module | None" = None) -> torch.Tensor:
+        """The mean entropy of ``model``'s predictions on ``examples``' inputs (their labels unused)."""
 
     def read_back(self) -> Tensors:
         """The server's state after the hook trained the model in place."""

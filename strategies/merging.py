@@ -21,6 +21,7 @@ from fedllm.core.bundle import ModelBundle
 from fedllm.core.errors import ConfigError
 from fedllm.core.vectors import Tensors
 
+from .adamerging import AdaMergingParams, learn_coefficients
 from .base import FUSION_RULES, FusionRule, MergeContext, RuleParams
 from .realign import realign, realign_parameters
 
@@ -77,6 +78,11 @@ class RMTLLMFParams(RuleParams):
     realign_steps: int = Field(20, ge=0)
     realign_lr: float = Field(1e-4, gt=0.0)
     realign_scope: Literal["transmitted", "norms_biases"] = "norms_biases"
+    # Before realigning: learn AdaMerging coefficients per task or per task and tensor (fedllm/strategies/
+    # adamerging.py) on the same server-held inputs, instead of one lambda for all.
+    coefficients: Literal["none", "task", "layer"] = "none"
+    coefficient_objective: Literal["entropy", "labelled"] = "entropy"
+    coefficient_steps: int = Field(50, ge=1)
 
 
 @FUSION_RULES.register("rmtllmf")
@@ -95,12 +101,25 @@ class RMTLLMF(TaskArithmetic):
                               "realign (with LoRA there are no LayerNorms or biases in the sent group); use "
                               "realign_scope: transmitted or realign_steps: 0")
 
+    def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.params.coefficients != "none":
+            self._rows = deltas.clone()  # the hook learns how much of each to keep
+        return super().fuse(deltas, weights)
+
     def post_merge(self, merged: Tensors, ctx: MergeContext) -> tuple[Tensors, dict[str, float]]:
         prm = self.params
+        record: dict = {}
+        rows = getattr(self, "_rows", None)
+        if prm.coefficients != "none" and rows is not None:
+            self._rows = None
+            learnt, record = learn_coefficients(rows, ctx.space.layout, ctx, AdaMergingParams(
+                granularity=prm.coefficients, objective=prm.coefficient_objective, examples=prm.shots,
+                steps=prm.coefficient_steps))
+            merged = {**merged, **learnt}
         if prm.realign_steps == 0:
-            return merged, {}
+            return merged, record
         ctx.load(merged)
         shots = ctx.few_shot(prm.shots)
         before, after = realign(ctx.bundle.model, realign_parameters(ctx.bundle, prm.realign_scope),
                                 lambda: ctx.loss(shots), steps=prm.realign_steps, lr=prm.realign_lr, seed=ctx.seed)
-        return {**merged, **ctx.read_back()}, {"realign_loss_before": before, "realign_loss_after": after}
+        return {**merged, **ctx.read_back()}, {**record, "realign_loss_before": before, "realign_loss_after": after}

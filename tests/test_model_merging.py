@@ -144,3 +144,70 @@ def test_a_regmean_round_sends_and_fuses_the_gram_matrices(tiny_overrides, tmp_p
                      if n.endswith(".weight") and params[n].dim() == 2 and "embeddings" not in n]
     assert record["clients_used"] == 2 and record["bytes_up_per_client"] == 4 * (sent + sum(i * i for i in linear_inputs))
     assert record["accuracy"] > 0
+
+
+class _QuadraticContext:
+    """A MergeContext whose objective is ||theta - target||^2: the coefficients that minimise it are known."""
+
+    def __init__(self, before, target, space):
+        from types import SimpleNamespace
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(before["w"].clone())
+                self.b = torch.nn.Parameter(before["b"].clone())
+
+            def forward(self, **inputs):
+                return torch.cat([self.w.reshape(-1), self.b])
+
+        self.bundle = SimpleNamespace(model=Model())
+        self.before, self.space, self.seed, self.target = before, space, 0, target
+
+    def few_shot(self, shots):
+        return None
+
+    def loss(self, examples, model=None):
+        return ((model or self.bundle.model)() - self.target).pow(2).sum()
+
+    entropy = loss
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_adamerging_keeps_the_useful_task_vector_and_turns_down_the_jammed_one(granularity):
+    """theta0 + lambda_1 tau_1 + lambda_2 tau_2 against a target theta0 + tau_1: a jammed (pure noise)
+    tau_2 is turned down to 0 and the useful tau_1 up to 1, per tensor when layer-wise."""
+    from fedllm.strategies.adamerging import AdaMergingParams, learn_coefficients
+
+    layout = Layout(("w", "b"), ((2, 3), (3,)))
+    g = torch.Generator().manual_seed(0)
+    before = {"w": torch.randn(2, 3, generator=g), "b": torch.randn(3, generator=g)}
+    useful, jammed = torch.randn(9, generator=g), 3 * torch.randn(9, generator=g)
+    ctx = _QuadraticContext(before, flatten(before, layout) + useful, FusionSpace(layout))
+    merged, record = learn_coefficients(torch.stack([useful, jammed]), layout, ctx, AdaMergingParams(
+        granularity=granularity, objective="labelled", steps=300, lr=0.05))
+    assert record["adamerging_labelled_after"] < 0.05 * record["adamerging_labelled_before"]
+    assert torch.allclose(flatten(merged, layout), flatten(before, layout) + useful, atol=0.05)
+    coefficients = record["adamerging_coefficients"]
+    assert (coefficients == pytest.approx([1.0, 0.0], abs=0.02) if granularity == "task"
+            else coefficients == pytest.approx({"w": 0.5, "b": 0.5}, abs=0.02))  # per tensor: mean of 1 and 0
+
+
+def test_adamerging_runs_as_a_servers_fusion_rule(tiny_overrides):
+    """The rule inside the fusion pipeline: the merged model is theta0 + the learnt mix, recorded per tensor."""
+    from fedllm.core.types import ClientUpdate
+    from fedllm.fusion.pipeline import FusionPipeline
+    from fedllm.workloads import workload_for
+
+    cfg = load_config(None, [*tiny_overrides, "data.tasks=[topic, question]", "data.partition=task",
+                             "strategy.name=adamerging", "strategy.steps=3"])
+    workload = workload_for(cfg)
+    pipeline = FusionPipeline(cfg, workload, workload.build_model())
+    g = torch.Generator().manual_seed(0)
+    updates = [ClientUpdate(i, 0.01 * torch.randn(pipeline.layout.numel, generator=g), 10,
+                            {"train_loss": 1.0, "partition": i}) for i in range(2)]
+    merged, record = pipeline(pipeline.initial_global(), updates, seed=0, population=2, server_round=1)
+    assert set(record["adamerging_coefficients"]) == set(pipeline.layout.names)
+    assert record["adamerging_entropy_after"] <= record["adamerging_entropy_before"] + 1e-6
+    with pytest.raises(ConfigError, match="RL instruction tuning has no labelled tasks"):
+        load_config(None, ["model.name=tiny-gpt2", "client.trainer=rl", "rl={}", "strategy.name=adamerging"])

@@ -110,6 +110,8 @@ class ServerMerge:
     workload: Workload
     lora: LoraProducts | None
     seed: int
+    before: Tensors
+    space: FusionSpace
 
     def load(self, params: Tensors) -> None:
         set_tensors(self.bundle.model, params)
@@ -117,8 +119,11 @@ class ServerMerge:
     def few_shot(self, shots: int) -> Any:
         return self.workload.few_shot(shots, self.seed)
 
-    def loss(self, examples: Any) -> torch.Tensor:
-        return self.workload.few_shot_loss(self.bundle, examples)
+    def loss(self, examples: Any, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return self.workload.few_shot_loss(self.bundle, examples, model)
+
+    def entropy(self, examples: Any, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return self.workload.prediction_entropy(self.bundle, examples, model)
 
     def read_back(self) -> Tensors:
         """The trained transmitted tensors, or, with LoRA merged as weight deltas, the LoRA folded
@@ -208,7 +213,8 @@ class FusionPipeline:
             record["validation_by_lr"] = by_lr
         record["server_lr"] = scale
         merged = apply_update(global_params, fused, self.fusion_layout, scale)
-        merged, hook_record = self.rule.post_merge(merged, ServerMerge(self.bundle, self.workload, self.lora, seed))
+        merged, hook_record = self.rule.post_merge(
+            merged, ServerMerge(self.bundle, self.workload, self.lora, seed, global_params, self.space))
         return merged, {**record, **hook_record}
 
     # ---------------------------------------------------------------- a server round

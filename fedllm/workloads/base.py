@@ -123,8 +123,12 @@ class Workload(ABC):
     def few_shot(self, shots: int, seed: int) -> Any:
         raise self._no_labels("few-shot realignment")
 
-    def few_shot_loss(self, bundle: ModelBundle, examples: Any) -> torch.Tensor:
+    def few_shot_loss(self, bundle: ModelBundle, examples: Any, model: torch.nn.Module | None = None) -> torch.Tensor:
         raise self._no_labels("few-shot realignment")
+
+    def prediction_entropy(self, bundle: ModelBundle, examples: Any,
+                           model: torch.nn.Module | None = None) -> torch.Tensor:
+        raise self._no_labels("learning merging coefficients")
 
     def fusion_metrics(self, bundle: ModelBundle, merged: Tensors, individual: Mapping[int, Tensors]) -> dict[str, float]:
         raise self._no_labels("eval.fusion_metrics")

@@ -189,10 +189,19 @@ class Classification(Workload):
     def few_shot(self, shots: int, seed: int) -> Examples:
         return few_shot_set(self.validation, len(self.suite.tasks), shots, seed)
 
-    def few_shot_loss(self, bundle: ModelBundle, examples: Examples) -> torch.Tensor:
-        logits = forward_logits(bundle, bundle.model, examples.texts, examples.tasks, self.suite.label_ranges,
-                                self.cfg.model.max_length)
+    def _logits(self, bundle: ModelBundle, examples: Examples, model: torch.nn.Module | None) -> torch.Tensor:
+        return forward_logits(bundle, model or bundle.model, examples.texts, examples.tasks, self.suite.label_ranges,
+                              self.cfg.model.max_length)
+
+    def few_shot_loss(self, bundle: ModelBundle, examples: Examples, model: torch.nn.Module | None = None) -> torch.Tensor:
+        logits = self._logits(bundle, examples, model)
         return F.cross_entropy(logits, torch.tensor(examples.labels, device=logits.device))
+
+    def prediction_entropy(self, bundle: ModelBundle, examples: Examples,
+                           model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Over each example's own task's labels (the others are masked out of the logits)."""
+        logp = torch.log_softmax(self._logits(bundle, examples, model), dim=-1)
+        return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(dim=-1).mean()
 
     def fusion_metrics(self, bundle: ModelBundle, merged: Tensors, individual: Mapping[int, Tensors]) -> dict[str, float]:
         return fusion_metrics(bundle, self.suite, self.test, merged, individual, self.cfg.eval.batch_size,
