@@ -25,10 +25,13 @@ heads. Writes table.md, results.json and PNG plots under --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +41,7 @@ from fedllm.clients import TRAINERS, TrainContext  # noqa: E402
 
 from fedllm.config import config_from_dict  # noqa: E402
 from fedllm.core.vectors import Layout, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
-from fedllm.fusion.pipeline import FusionPipeline, apply_update  # noqa: E402
+from fedllm.fusion.pipeline import FusionPipeline, apply_update, statistic_layouts  # noqa: E402
 from fedllm.workloads.classification import Classification  # noqa: E402
 from fedllm.workloads.classification.metrics import fusion_scores, individual_predictions, predict, task_scores  # noqa: E402
 
@@ -48,6 +51,7 @@ REAL_TASKS = ["sst2", "subj", "cr", "mpqa", "trec", "banking77", "ag_news", "emo
 GROUPS = {"embeddings": "embeddings", "attention": "attention.self", "feed_forward": ("intermediate.dense", "output.dense"),
           "layernorm": "LayerNorm"}
 LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
+STATISTICS = {"fisher": {"examples": 64}, "gram": {"examples": 256}}  # what Fisher and RegMean fuse with
 # family: (peft section, client lr). full: everything trains and is sent (task arithmetic, TIES, DARE);
 # frozen: R-MTLLMF's fine-tuning with the embeddings kept home; lora: LoRA r=8 on query/value.
 FAMILIES = {
@@ -94,15 +98,49 @@ def task_vectors(cfg, bundle, suite, cache: Path) -> dict[int, dict[str, torch.T
     return out
 
 
+def task_statistics(cfg, workload: Classification, bundle, taus: dict[int, dict[str, torch.Tensor]],
+                    requested: dict, cache: Path) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """What each task's client computes on its own data with its fine-tuned model for the rules that
+    fuse with client statistics (a diagonal Fisher, Gram matrices of linear layers' inputs), cached."""
+    out = {}
+    theta0 = dict(bundle.initial_global)
+    train = workload.suite.split("train")
+    key = hashlib.sha256(json.dumps(requested, sort_keys=True).encode()).hexdigest()[:8]
+    for t, task in enumerate(workload.suite.tasks):
+        path = cache / f"{cfg.digest()}-{task.name}-stats-{key}.pt"
+        if path.is_file():
+            out[t] = torch.load(path)
+            continue
+        set_tensors(bundle.model, {n: theta0[n] + taus[t][n] for n in theta0})
+        mine = train.subset([i for i, k in enumerate(train.tasks) if k == t])
+        out[t] = workload.client_statistics(bundle, mine, requested, bundle.groups.global_names)
+        torch.save(out[t], path)
+    set_tensors(bundle.model, theta0)
+    return out
+
+
+class Received(NamedTuple):
+    rows: torch.Tensor  # what the server got of the task vectors (sent space)
+    report: ChannelReport
+    relative_mse: float  # mean per-client MSE relative to the payload's power
+    stats: dict[str, torch.Tensor]  # what it got of the clients' statistics
+
+
 class Fusion:
     """One family of task vectors, merged and scored by the server's own fusion pipeline
     (fedllm/fusion/pipeline.py: rule, lambda search on validation data, R-MTLLMF's realignment),
     with each task's own model's predictions computed once. LoRA vectors travel as factors and
     are fused as B @ A."""
 
-    def __init__(self, cfg, workload: Classification, bundle, taus: dict[int, dict[str, torch.Tensor]]) -> None:
+    def __init__(self, cfg, workload: Classification, bundle, taus: dict[int, dict[str, torch.Tensor]],
+                 stats: dict[int, dict[str, dict[str, torch.Tensor]]] | None = None) -> None:
         self.cfg, self.workload, self.bundle, self.suite = cfg, workload, bundle, workload.suite
         pipeline = FusionPipeline(cfg, workload, bundle)
+        self.stat_rows = {}  # statistic -> (tasks x values), each task's in its own layout
+        for name in sorted(next(iter(stats.values())) if stats else {}):
+            layout = statistic_layouts({name: {}}, bundle, pipeline.layout)[name]
+            self.stat_rows[name] = torch.stack([flatten(stats[t][name], layout) for t in sorted(stats)])
+        self.timings: dict[str, list[float]] = {}  # method -> server seconds per merge
         self.sent_layout, self.layout = pipeline.layout, pipeline.fusion_layout
         self.to_fusion_space = pipeline.to_fusion_space
         self.batch = torch.stack([flatten(taus[t], self.sent_layout) for t in sorted(taus)])
@@ -112,28 +150,35 @@ class Fusion:
         individual = {t: apply_update(self.theta0, in_fusion_space[i], self.layout, 1.0) for i, t in enumerate(sorted(taus))}
         self.own = individual_predictions(bundle, self.suite, self.test, individual, 64, cfg.model.max_length)
 
-    def received(self, channel: dict | None, seed: int = 0) -> tuple[torch.Tensor, ChannelReport, float]:
-        """What the server gets (sent space), the channel's report, and the mean per-client MSE
-        relative to the payload's power."""
+    def received(self, channel: dict | None, seed: int = 0) -> Received:
+        """What the server gets of the task vectors and of the clients' statistics (after them, over
+        the same link), with the mean relative MSE of the task vectors."""
         channel = channel or {"kind": "ideal"}
         meta = ClientMeta([f"t{t}" for t in range(len(self.batch))], torch.ones(len(self.batch)))
-        out, report = build_channel(channel["kind"], {k: v for k, v in channel.items() if k != "kind"}, seed).transmit(
-            self.batch, meta)
-        return out, report, float((report.mse / self.batch.pow(2).mean(dim=1)).mean())
+        link = build_channel(channel["kind"], {k: v for k, v in channel.items() if k != "kind"}, seed)
+        out, report = link.transmit(self.batch, meta)
+        stats = {name: link.transmit(rows, meta)[0] for name, rows in self.stat_rows.items()}
+        return Received(out, report, float((report.mse / self.batch.pow(2).mean(dim=1)).mean()), stats)
 
-    def merge(self, received: tuple[torch.Tensor, ChannelReport, float], rule: str, as_factors: bool = False,
+    def merge(self, received: Received, rule: str, as_factors: bool = False, label: str | None = None,
               **params) -> dict[str, torch.Tensor]:
         """theta0 + lambda * fuse(received), lambda searched on validation data, then the rule's
-        post-merge hook (R-MTLLMF realigns). ``as_factors``: fuse LoRA factors as tensors (FedIT's way)."""
-        rows, report, _ = received
+        post-merge hook (R-MTLLMF realigns, AdaMerging learns its coefficients). ``as_factors``: fuse
+        LoRA factors as tensors (FedIT's way). The server time goes into ``timings[label]``."""
+        started = time.perf_counter()
         overrides = [f"strategy={json.dumps({'name': rule, 'server_lr': 'auto', 'lr_grid': LAMBDAS, **params})}"]
         if as_factors:
             overrides.append("peft.fuse_lora_as=factors")
         pipeline = FusionPipeline(config_from_dict(self.cfg.model_dump(mode="json"), overrides), self.workload,
                                   self.bundle)
-        fused, _ = pipeline.fuse(rows, torch.ones(rows.shape[0]), report)
+        fused, _ = pipeline.fuse(received.rows, torch.ones(received.rows.shape[0]), received.report, received.stats)
         merged, _ = pipeline.merge(self.theta0, fused, seed=0)
+        self.timings.setdefault(label or rule, []).append(time.perf_counter() - started)
         return merged
+
+    def cosine_similarity(self) -> list[list[float]]:
+        unit = torch.nn.functional.normalize(self.batch.double(), dim=1)
+        return (unit @ unit.T).tolist()
 
     def score(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         set_tensors(self.bundle.model, params)
@@ -175,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="minilm", help="'minilm' or 'tiny-bert' (a smoke run of this script)")
     parser.add_argument("--max-test", type=int, default=None, help="test examples per task")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
+    parser.add_argument("--adamerging-steps", type=int, default=30, help="Adam steps of AdaMerging's coefficients")
+    parser.add_argument("--no-statistics", action="store_true", help="skip Fisher and RegMean (their client "
+                        "statistics cost a backward pass per example and Gram matrices per task)")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     real = all((SHARED / t / "train.jsonl").is_file() for t in REAL_TASKS)
@@ -196,28 +244,54 @@ def main(argv: list[str] | None = None) -> None:
         cfg = experiment(tasks, name, steps, max_test, args.model)
         workload = Classification(cfg)
         bundle = workload.build_model()
-        families[name] = Fusion(cfg, workload, bundle, task_vectors(cfg, bundle, workload.suite, cache))
+        taus = task_vectors(cfg, bundle, workload.suite, cache)
+        stats = (task_statistics(cfg, workload, bundle, taus, STATISTICS, cache)
+                 if name == "full" and not args.no_statistics else None)
+        families[name] = Fusion(cfg, workload, bundle, taus, stats)
     full, frozen, lora = families["full"], families["frozen"], families["lora"]
     mimo_base = {"kind": "mimo_mac", "nt": max(1, 16 // len(tasks)), "receiver": args.receiver}
     # R-MTLLMF: 5-shot realignment, 20 steps (LayerNorms and biases; with LoRA, the factors, folded in)
     rmtllmf = {"shots": 5, "realign_steps": 20, "realign_lr": 1e-4, "realign_scope": "norms_biases"}
+    adamerging = {"granularity": "layer", "steps": args.adamerging_steps, "lr": 0.01}
+    rmtllmf_layers = {**rmtllmf, "coefficients": "layer", "coefficient_steps": args.adamerging_steps}
     methods = {"task arithmetic": (full, "task_arithmetic", {}), "R-MTLLMF": (frozen, "rmtllmf", rmtllmf),
-               "task arithmetic, LoRA B@A": (lora, "task_arithmetic", {})}
+               "task arithmetic, LoRA B@A": (lora, "task_arithmetic", {}),
+               "AdaMerging (layer-wise)": (full, "adamerging", adamerging),
+               "R-MTLLMF + layer-wise coefficients": (frozen, "rmtllmf", rmtllmf_layers)}
 
     # 1. ideal channel
     ideal = {name: fam.received(None) for name, fam in families.items()}
-    table = {"zero-shot": full.score(full.theta0),
-             "individual": {"accuracy": full.individual_accuracy(), "normalized_accuracy": 1.0},
-             "task arithmetic": full.score(full.merge(ideal["full"], "task_arithmetic")),
-             "TIES": full.score(full.merge(ideal["full"], "ties", k=0.2)),
-             "DARE": full.score(full.merge(ideal["full"], "dare", p=0.9)),
-             "R-MTLLMF": frozen.score(frozen.merge(ideal["frozen"], "rmtllmf", **rmtllmf)),
-             "individual, LoRA": {"accuracy": lora.individual_accuracy(), "normalized_accuracy": 1.0},
-             "task arithmetic, LoRA B@A": lora.score(lora.merge(ideal["lora"], "task_arithmetic")),
-             "task arithmetic, LoRA factors summed": lora.score(lora.merge(ideal["lora"], "task_arithmetic",
-                                                                           as_factors=True)),
-             "TIES, LoRA B@A": lora.score(lora.merge(ideal["lora"], "ties", k=0.2))}
+    rows = {"zero-shot": lambda: full.score(full.theta0),
+            "individual": lambda: {"accuracy": full.individual_accuracy(), "normalized_accuracy": 1.0},
+            "task arithmetic": lambda: full.score(full.merge(ideal["full"], "task_arithmetic")),
+            "TIES": lambda: full.score(full.merge(ideal["full"], "ties", k=0.2)),
+            "DARE": lambda: full.score(full.merge(ideal["full"], "dare", p=0.9)),
+            "Breadcrumbs": lambda: full.score(full.merge(ideal["full"], "breadcrumbs", density=0.9, gamma=0.01)),
+            "Fisher": lambda: full.score(full.merge(ideal["full"], "fisher")),
+            "RegMean": lambda: full.score(full.merge(ideal["full"], "regmean")),
+            "AdaMerging (task-wise)": lambda: full.score(full.merge(ideal["full"], "adamerging", label="adamerging-task",
+                                                                    **{**adamerging, "granularity": "task"})),
+            "AdaMerging (layer-wise)": lambda: full.score(full.merge(ideal["full"], "adamerging", **adamerging)),
+            "R-MTLLMF": lambda: frozen.score(frozen.merge(ideal["frozen"], "rmtllmf", **rmtllmf)),
+            "R-MTLLMF + layer-wise coefficients": lambda: frozen.score(frozen.merge(
+                ideal["frozen"], "rmtllmf", label="rmtllmf-layers", **rmtllmf_layers)),
+            "individual, LoRA": lambda: {"accuracy": lora.individual_accuracy(), "normalized_accuracy": 1.0},
+            "task arithmetic, LoRA B@A": lambda: lora.score(lora.merge(ideal["lora"], "task_arithmetic",
+                                                                       label="lora-task_arithmetic")),
+            "task arithmetic, LoRA factors summed": lambda: lora.score(lora.merge(ideal["lora"], "task_arithmetic",
+                                                                                  as_factors=True, label="lora-factors")),
+            "TIES, LoRA B@A": lambda: lora.score(lora.merge(ideal["lora"], "ties", k=0.2, label="lora-ties"))}
+    needs_statistics = {"Fisher", "RegMean"}
+    table = {name: make() for name, make in rows.items() if not (args.no_statistics and name in needs_statistics)}
     results["ideal"] = table
+    d = full.batch.shape[1]
+    stat_values = {name: rows.shape[1] for name, rows in full.stat_rows.items()}
+    results["uplink_bytes"] = {"task vector, all layers (task arithmetic, TIES, DARE, Breadcrumbs, AdaMerging)": 4 * d,
+                               **{f"task vector + {name} (its rule)": 4 * (d + n) for name, n in stat_values.items()},
+                               "task vector, embeddings kept home (R-MTLLMF)": 4 * frozen.batch.shape[1],
+                               "LoRA r=8 factors": 4 * lora.batch.shape[1]}
+    results["server_seconds"] = {k: statistics.median(v) for fam in families.values() for k, v in fam.timings.items()}
+    results["cosine_similarity"] = full.cosine_similarity()
     print("ideal channel:", {k: round(v.get("normalized_accuracy", float("nan")), 4) for k, v in table.items()}, flush=True)
 
     # 2. jammed MIMO uplink
@@ -227,8 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             channel = {**mimo_base, "jammer": jammer, "jammer_power_db": power}
             for name, (fam, rule, params) in methods.items():
                 received = fam.received(channel)
-                rel_mse = received[2]
-                scores = fam.score(fam.merge(received, rule, **params))
+                rel_mse = received.relative_mse
+                scores = fam.score(fam.merge(received, rule, label=f"jammed {name}", **params))
                 jammed.append({"jammer": jammer, "power_db": power, "method": name, "relative_mse": rel_mse,
                                "normalized_accuracy": scores["normalized_accuracy"], "wd_error": scores["wd_error"],
                                "accuracy": scores["accuracy"]})
@@ -240,8 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     # 3. WD error vs MSE (fixed lambda, so the search does not hide the noise)
     wd = []
     for snr in ([-40.0, -20.0, 0.0, 20.0] if args.quick else [-50.0, -40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0]):
-        received, _, rel_mse = full.received({"kind": "awgn", "snr_db": snr, "power_normalisation": "payload"})
-        scores = full.score(apply_update(full.theta0, received.sum(0), full.layout, 0.3))
+        got = full.received({"kind": "awgn", "snr_db": snr, "power_normalisation": "payload"})
+        rel_mse = got.relative_mse
+        scores = full.score(apply_update(full.theta0, got.rows.sum(0), full.layout, 0.3))
         wd.append({"snr_db": snr, "relative_mse": rel_mse, "wd_error": scores["wd_error"],
                    "normalized_accuracy": scores["normalized_accuracy"]})
         print(f"  AWGN {snr:>5} dB rel.MSE {rel_mse:.3g} WD {scores['wd_error']:.4f}", flush=True)
@@ -315,6 +390,18 @@ def write_outputs(results: dict, out: Path) -> None:
                        f"where R-MTLLMF keeps {100 * t['rmtllmf_kept']:.1f}% of its own (goal >= 90%)."
                        if t["power_db"] is not None else "Target: task arithmetic never loses half of its ideal "
                        "normalised accuracy in this sweep.")]
+    if "uplink_bytes" in results:
+        lines += ["", "Uplink per client (MB) and median server time per merge (s):", "",
+                  "| what a client sends | MB |", "| --- | --- |"]
+        lines += [f"| {k} | {v / 2**20:.1f} |" for k, v in results["uplink_bytes"].items()]
+        lines += ["", "| merge | server seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in results.get("server_seconds", {}).items()]
+    if "cosine_similarity" in results:
+        names = results["tasks"]
+        lines += ["", "Cosine similarity of the task vectors (all layers):", "",
+                  "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+        lines += [f"| {a} | " + " | ".join(f"{x:.3f}" for x in row) + " |"
+                  for a, row in zip(names, results["cosine_similarity"])]
     w = results["wd_vs_mse"]
     lines += ["", "WD error vs relative channel MSE (AWGN sweep, lambda 0.3):", "",
               "| SNR (dB) | relative MSE | WD error | normalised accuracy |", "| --- | --- | --- | --- |"]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fedllm.strategies import InsufficientUpdates, build_rule
 from flwr.app import Array, ArrayRecord, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import Bulyan, Krum, MultiKrum
-
-from fedllm.strategies import InsufficientUpdates, build_rule
 
 
 def _updates(n: int, byzantine: int, seed: int, spread: float = 1.0) -> tuple[np.ndarray, list[int]]:
@@ -63,6 +62,7 @@ def test_bulyan_with_too_few_updates_keeps_the_model():
     with pytest.raises(InsufficientUpdates, match="needs at least 7 updates, got 6"):
         build_rule("bulyan", {"f": 1})(deltas, torch.ones(6))
     from fedllm.channels import build_channel
+
     from fedllm.core.types import ClientUpdate
     from fedllm.fusion.pipeline import fuse_updates
 

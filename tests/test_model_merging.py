@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fedllm.strategies import FusionSpace, build_rule
 
 from fedllm.config import ConfigError, load_config
 from fedllm.core.vectors import Layout, flatten
-from fedllm.strategies import FusionSpace, build_rule
 
 
 def test_weighted_average_normalises_the_given_weights():

@@ -5,13 +5,13 @@ import warnings
 
 import pytest
 import torch
-
 from fedllm.channels import build_channel
+from fedllm.strategies import build_rule
+
 from fedllm.config import ConfigError, load_config
 from fedllm.core.types import ClientUpdate
 from fedllm.fusion.pipeline import fuse_updates
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger, clip_rows
-from fedllm.strategies import build_rule
 
 
 def _dp(clip: float, sigma: float, cohort: float | None = None, seed: int = 1) -> DifferentiallyPrivate:

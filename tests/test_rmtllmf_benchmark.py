@@ -15,7 +15,7 @@ def test_benchmark_produces_the_four_results(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--quick", "--model", "tiny-bert", "--tasks", "topic", "question", "--steps", "5",
-                "--max-test", "40", "--powers", "0", "60", "--out", str(tmp_path)])
+                "--max-test", "40", "--powers", "0", "60", "--adamerging-steps", "2", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     ideal = results["ideal"]
     assert ideal["individual"]["normalized_accuracy"] == 1.0
@@ -24,7 +24,15 @@ def test_benchmark_produces_the_four_results(tmp_path):
         per_task = [ideal[row][f"accuracy/{t}"] / ideal[row][f"individual_accuracy/{t}"] for t in ("topic", "question")]
         assert ideal[row]["normalized_accuracy"] == pytest.approx(sum(per_task) / 2), row
     jammed = results["jammed"]
-    assert len(jammed) == 2 * 2 * 3  # jammers x powers x methods
+    assert len(jammed) == 2 * 2 * 5  # jammers x powers x methods
+    assert {"AdaMerging (layer-wise)", "R-MTLLMF + layer-wise coefficients"} <= {r["method"] for r in jammed}
+    for row in ("Fisher", "RegMean", "AdaMerging (task-wise)", "Breadcrumbs"):
+        assert row in ideal
+    uplink = results["uplink_bytes"]
+    d = next(v for k, v in uplink.items() if k.startswith("task vector, all layers")) // 4
+    assert uplink["task vector + fisher (its rule)"] == 4 * 2 * d  # a Fisher is one value per sent value
+    n = len(results["cosine_similarity"])
+    assert n == 2 and all(abs(results["cosine_similarity"][i][i] - 1) < 1e-9 for i in range(n))
     mse = {(r["jammer"], r["power_db"]): r["relative_mse"] for r in jammed if r["method"] == "task arithmetic"}
     assert mse[("worst_case", 60.0)] > 100 * mse[("worst_case", 0.0)]  # ZF: the error grows with the jammer
     assert set(results["target"]) == {"worst_case", "strongest_user"}

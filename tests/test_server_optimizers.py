@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fedllm.strategies import build_rule
+from fedllm.strategies.optimizers import build_optimizer
 from flwr.app import Array, ArrayRecord, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 from fedllm.config import ConfigError, load_config
-from fedllm.strategies import build_rule
-from fedllm.strategies.optimizers import build_optimizer
 
 SHAPES = {"w": (3, 4), "b": (4,)}
 EXAMPLES = [10, 30, 60]
