@@ -5,6 +5,7 @@ tensors of ``bundle.model`` in place on the client's own examples.
 """
 
 from . import rl as _rl  # noqa: F401  (registers "rl")
+from . import scaffold as _scaffold  # noqa: F401  (registers "scaffold")
 from . import supervised as _supervised  # noqa: F401  (registers "supervised")
 from .base import TRAINERS, TrainContext, Trainer, TrainResult, client_seed, proximal_term
 

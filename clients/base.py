@@ -47,6 +47,10 @@ class TrainContext:
     # RL instruction tuning: this client's weights over the named rewards of cfg.rl.
     preference: "dict[str, float] | None" = None
     rl: RLSettings | None = None
+    # What the server sent besides the global group (e.g. SCAFFOLD's control variate), and what this
+    # client kept from its earlier rounds (its own control variate); both by name, then tensor name.
+    incoming: "dict[str, dict[str, torch.Tensor]]" = field(default_factory=dict)
+    kept: "dict[str, dict[str, torch.Tensor]]" = field(default_factory=dict)
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -72,6 +76,8 @@ class TrainResult:
     steps: int
     examples_seen: int
     extra: dict[str, float] = field(default_factory=dict)  # trainer-specific metrics for the reply
+    statistics: "dict[str, dict[str, torch.Tensor]]" = field(default_factory=dict)  # sent with the update
+    keep: "dict[str, dict[str, torch.Tensor]]" = field(default_factory=dict)  # kept by the client for next rounds
 
 
 class Trainer(Protocol):

@@ -1,8 +1,12 @@
-"""Supervised PEFT fine-tuning: local epochs of AdamW on the client's labelled examples."""
+"""Supervised PEFT fine-tuning: local epochs of AdamW on the client's labelled examples.
+
+The loop (:func:`supervised_steps`) takes the optimiser and a hook run between backward and step, so
+a trainer that corrects gradients (SCAFFOLD, fedllm/clients/scaffold.py) reuses it."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +19,15 @@ from .base import TRAINERS, TrainContext, TrainResult, proximal_term
 
 @TRAINERS.register("supervised")
 def train_supervised(bundle: ModelBundle, examples: Examples, ctx: TrainContext) -> TrainResult:
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=ctx.section.lr, weight_decay=ctx.section.weight_decay)
+    return supervised_steps(bundle, examples, ctx, optimizer)
+
+
+def supervised_steps(bundle: ModelBundle, examples: Examples, ctx: TrainContext, optimizer: torch.optim.Optimizer,
+                     after_backward: Callable[[], None] | None = None) -> TrainResult:
     section = ctx.section
     model = bundle.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay)
     rng = random.Random(ctx.seed)
     torch.manual_seed(ctx.seed)  # dropout masks
     model.train()
@@ -39,6 +48,8 @@ def train_supervised(bundle: ModelBundle, examples: Examples, ctx: TrainContext)
                 loss = loss + proximal_term(model, ctx.anchor, section.prox_mu)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             seen += len(batch)

@@ -72,10 +72,23 @@ class FusionRule:
     needs_labelled_shots: ClassVar[bool] = False  # its post-merge hook trains on labelled examples
     needs_frozen_layers: ClassVar[bool] = False  # meant for task vectors with some layers kept home
     needs_local_part: ClassVar[bool] = False  # personalisation: each client keeps a local group
+    client_trainer: ClassVar[str | None] = None  # the client trainer this rule's algorithm needs, if any
 
     def __init__(self, params: RuleParams | None = None, seed: int = 0) -> None:
         self.params = params or self.Params()
         self.generator = torch.Generator().manual_seed(seed)
+        self.population: int | None = None  # the clients sampling draws from (set by the server each round)
+
+    def downlink(self, space: "FusionSpace") -> dict[str, Tensors]:
+        """What the server sends clients besides the global group (e.g. SCAFFOLD's control variate)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State a rule keeps across rounds, for the server checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def client_statistics(self) -> dict[str, dict[str, Any]]:
         """What each client computes on its own data and sends with its update for this rule to fuse

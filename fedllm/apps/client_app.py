@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedllm.apps.fingerprint import code_fingerprint, code_location
-from fedllm.apps.payload import CONFIG, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
+from fedllm.apps.payload import CONFIG, DOWN, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
 from fedllm.clients import TRAINERS, client_seed
 from fedllm.config import ConfigError, ExperimentConfig, config_from_json
 from fedllm.core.bundle import ModelBundle
@@ -26,6 +26,7 @@ from fedllm.strategies import build_rule
 from fedllm.workloads import Workload, workload_for
 
 LOCAL_STATE = "fedllm.local"
+KEPT = "fedllm.kept."  # + a name: what a trainer keeps across rounds (e.g. SCAFFOLD's control variate)
 ROUNDS_STATE = "fedllm.rounds"
 
 app = ClientApp()
@@ -100,9 +101,15 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     before = get_tensors(bundle.model, bundle.groups.global_names)
     seed = client_seed(cfg.seed, job.server_round, int(context.node_config.get("partition-id", 0)))
     ctx = job.workload.train_context(job.data, job.partition_id, seed, before if cfg.client.prox_mu > 0 else None)
+    ctx.incoming = {k.removeprefix(DOWN): v.to_torch_state_dict() for k, v in content.array_records.items()
+                    if k.startswith(DOWN)}
+    ctx.kept = {k.removeprefix(KEPT): v.to_torch_state_dict() for k, v in context.state.array_records.items()
+                if k.startswith(KEPT)}
     started = time.perf_counter()
     result = TRAINERS.get(cfg.client.trainer)(bundle, job.data, ctx)
     train_time = time.perf_counter() - started
+    for name, tensors in result.keep.items():  # e.g. SCAFFOLD's own control variate, for the next round
+        context.state[KEPT + name] = ArrayRecord(torch_state_dict=tensors)
     local_norm = 0.0
     if bundle.groups.local_names:
         local = get_tensors(bundle.model, bundle.groups.local_names)
@@ -119,8 +126,10 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
             delta = apply_fault(fault, delta, metrics, seed=ctx.seed)
     # what the fusion rule fuses with besides the update (a Fisher, Gram matrices), of the trained model
     requested = build_rule(cfg.strategy.name, cfg.strategy.params()).client_statistics()
-    stats = (job.workload.client_statistics(bundle, job.data, requested, bundle.groups.global_names)
-             if requested else None)
+    stats = {name: t for name, t in result.statistics.items() if name in requested}  # the trainer's own
+    rest = {name: settings for name, settings in requested.items() if name not in stats}
+    if rest:
+        stats.update(job.workload.client_statistics(bundle, job.data, rest, bundle.groups.global_names))
     return reply_content(delta, metrics, stats)
 
 

@@ -101,7 +101,8 @@ class FederatedRun:
         self.global_params = self.pipeline.initial_global()
         # what a client sends: its update and the statistics the rule fuses with
         self.payload_bytes = 4 * (self.pipeline.layout.numel + sum(l.numel for l in self.pipeline.stat_layouts.values()))
-        self.down_bytes = sum(t.numel() for t in self.global_params.values()) * 4
+        self.down_bytes = 4 * (sum(t.numel() for t in self.global_params.values())
+                               + sum(t.numel() for d in self.pipeline.downlink().values() for t in d.values()))
         self.rng = random.Random(cfg.seed)
         self.config_json = cfg.to_json()
         self.totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "elapsed": 0.0}
@@ -178,7 +179,8 @@ class FederatedRun:
         nodes = wait_for_nodes(self.grid, strategy.min_clients)
         self.identify(nodes)
         sampled = sample_clients(strategy, {n: self.identities[n] for n in nodes}, self.rng)
-        content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0)
+        content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0,
+                                self.pipeline.downlink())
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
         self.grid.push_messages(messages)
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}

@@ -23,13 +23,19 @@ METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
 
 
+DOWN = "down."  # + a name: what the server sends besides the global group (e.g. a control variate)
+
+
 def round_content(global_params: dict[str, torch.Tensor], config_json: str, server_round: int,
-                  num_partitions: int) -> RecordDict:
-    return RecordDict({
+                  num_partitions: int, downlink: dict[str, dict[str, torch.Tensor]] | None = None) -> RecordDict:
+    content = RecordDict({
         GLOBAL: ArrayRecord(torch_state_dict=global_params),
         CONFIG: ConfigRecord({"experiment": config_json, "round": server_round, "num-partitions": num_partitions,
                               "code": code_fingerprint(), "code-location": code_location()}),
     })
+    for name, tensors in (downlink or {}).items():
+        content[DOWN + name] = ArrayRecord(torch_state_dict=tensors)
+    return content
 
 
 STAT = "stat."  # + the statistic's name: per-client statistics a fusion rule fuses with

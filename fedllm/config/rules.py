@@ -80,6 +80,18 @@ def statistics_in_the_fused_space(cfg: "ExperimentConfig") -> None:
                          "'weight_delta' the server fuses B @ A instead: use fuse_lora_as: factors or regmean")
 
 
+def both_halves_of_an_algorithm(cfg: "ExperimentConfig") -> None:
+    """A rule that needs its own client trainer (SCAFFOLD), and a trainer that needs its own rule."""
+    wanted = _rule(cfg).client_trainer
+    needed = getattr(cfg.client.registry().get(cfg.client.trainer), "needs_rule", None)
+    if (wanted and wanted != cfg.client.trainer) or (needed and needed != cfg.strategy.name):
+        name = wanted or needed
+        raise ValueError(f"{name} has a server half and a client half: strategy.name {name} and client.trainer "
+                         f"{name} go together")
+    if wanted and cfg.peft.fuse_lora_as == "weight_delta":
+        raise ValueError(f"{wanted}'s control variates live in the sent tensors: use peft.fuse_lora_as: factors")
+
+
 def personalisation_keeps_a_local_part(cfg: "ExperimentConfig") -> None:
     if _rule(cfg).needs_local_part and not cfg.peft.local_patterns:
         raise ValueError(f"strategy {cfg.strategy.name!r} keeps a personal part on every client: set "
@@ -102,7 +114,7 @@ def a_summed_uplink_needs_averaging(cfg: "ExperimentConfig") -> None:
 
 RULES: list[Callable[["ExperimentConfig"], None]] = [
     rl_goes_with_the_rl_trainer, dp_is_for_averaging, amplification_needs_poisson_sampling, only_local_only_sends_nothing, frozen_layers_where_needed,
-    personalisation_keeps_a_local_part, statistics_in_the_fused_space, a_summed_uplink_needs_averaging,
+    personalisation_keeps_a_local_part, statistics_in_the_fused_space, both_halves_of_an_algorithm, a_summed_uplink_needs_averaging,
 ]
 
 

@@ -92,7 +92,7 @@ def statistic_layouts(requested: dict[str, Any], bundle: ModelBundle, sent: Layo
     Gram matrices are (inputs x inputs), one per sent linear layer (fedllm/core/modules.py)."""
     layouts = {}
     for name in requested:
-        if name == "fisher":
+        if name in ("fisher", "control"):  # one value per sent value
             layouts[name] = sent
         elif name == "gram":
             layers = sent_linear_layers(bundle.model, bundle.groups.global_names)
@@ -181,6 +181,10 @@ class FusionPipeline:
         """What the server receives of the clients' payloads (rows in the sent layout)."""
         return self.channel.transmit(rows, meta)
 
+    def downlink(self) -> dict[str, Tensors]:
+        """What the server sends besides the global group (the rule's, e.g. SCAFFOLD's control variate)."""
+        return self.rule.downlink(self.space)
+
     def to_fusion_space(self, rows: torch.Tensor) -> torch.Tensor:
         """Received rows as what is fused (LoRA factors -> weight deltas); the channel saw the payload."""
         return self.lora(rows) if self.lora is not None else rows
@@ -222,6 +226,7 @@ class FusionPipeline:
                  population: int | None = None, server_round: int = 1) -> tuple[Tensors, dict[str, Any]]:
         """The round's new global parameters and its record; ``population``: the clients sampling draws
         from (DP divides by the expected cohort, fraction_train x population)."""
+        self.rule.population = population
         if self.dp is not None:
             self.dp.expected_cohort = self.cfg.strategy.fraction_train * population if population else None
         fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space, self.space)
@@ -240,7 +245,8 @@ class FusionPipeline:
     def state(self) -> dict[str, Any]:
         return {"channel_rng": self.channel.generator.get_state(), "rule_rng": self.rule.generator.get_state(),
                 "dp_rng": self.dp.generator.get_state() if self.dp else None,
-                "dp_rounds": self.ledger.rounds if self.ledger else 0, "optimizer": self.optimizer.state_dict()}
+                "dp_rounds": self.ledger.rounds if self.ledger else 0, "optimizer": self.optimizer.state_dict(),
+                "rule_state": self.rule.state_dict()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.channel.generator.set_state(state["channel_rng"])
@@ -248,5 +254,6 @@ class FusionPipeline:
         if self.dp is not None and state.get("dp_rng") is not None:
             self.dp.generator.set_state(state["dp_rng"])
         self.optimizer.load_state_dict(state.get("optimizer", {}))
+        self.rule.load_state_dict(state.get("rule_state", {}))
         if self.ledger is not None:  # checkpoints made before the ledger kept the count in the run's totals
             self.ledger.rounds = state.get("dp_rounds", state.get("totals", {}).get("dp_rounds", 0))
