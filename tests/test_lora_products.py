@@ -165,3 +165,22 @@ def test_weight_delta_needs_lora_and_a_per_client_channel():
     default = load_config(None, [o for o in TINY_LORA_FUSION if "fuse_lora_as" not in o])
     explicit = load_config(None, [o for o in TINY_LORA_FUSION if "fuse_lora_as" not in o] + ["peft.fuse_lora_as=factors"])
     assert default.digest() == explicit.digest()  # the default leaves older results' cache keys alone
+
+
+def test_ffa_lora_sends_only_b_and_averaging_b_averages_the_updates():
+    """FFA-LoRA (peft.freeze_lora_a): A stays at its shared random start, only B trains and travels; the
+    update B @ A is then linear in B, so the mean of the clients' B's gives the mean of their updates."""
+    cfg = load_config(None, [*TINY_LORA_FUSION, "peft.freeze_lora_a=true"])
+    full = load_config(None, TINY_LORA_FUSION)
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle, plain = build_bundle(cfg, suite.label_names), build_bundle(full, suite.label_names)
+    assert not any("lora_A" in n for n in bundle.groups.global_names)
+    lora_values = lambda b: sum(b.initial_global[n].numel() for n in b.groups.global_names if "lora_" in n)  # noqa: E731
+    assert 2 * lora_values(bundle) == lora_values(plain)  # r x (in + out) per layer, here in == out: half
+    products = LoraProducts.of(bundle.model, bundle.groups.global_names, bundle.initial_global)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, products.factor_layout.numel, generator=g)
+    assert torch.allclose(products(rows).mean(0), products(rows.mean(0, keepdim=True))[0], atol=1e-6)
+    both = LoraProducts.of(plain.model, plain.groups.global_names, plain.initial_global)
+    rows = torch.randn(3, both.factor_layout.numel, generator=g)
+    assert not torch.allclose(both(rows).mean(0), both(rows.mean(0, keepdim=True))[0], atol=1e-3)

@@ -63,6 +63,8 @@ class ExperimentConfig(_Section):
                              ("optimizer", {"name": "none"})):
             if data["strategy"].get(key) == default:
                 data["strategy"].pop(key)
+        if data["peft"].get("freeze_lora_a") is False:  # added later: as before
+            data["peft"].pop("freeze_lora_a")
         # defaults widened for decoder models hash as the defaults they replace did, for the same runs
         if data["peft"]["adapter_targets"] is None:
             data["peft"]["adapter_targets"] = ["output.dense"]

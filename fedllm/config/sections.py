@@ -97,6 +97,9 @@ class PeftSection(_Section):
     # fuses each client's scaling * B @ A and folds it into the base weights (what task arithmetic,
     # TIES and DARE are defined on); clients still send only the factors (fedllm/fusion/lora_products.py).
     fuse_lora_as: Literal["factors", "weight_delta"] = "factors"
+    # FFA-LoRA (Sun et al. 2024): LoRA's A stays at its (seeded, shared) random initial value and only B
+    # trains and is sent: half the uplink, and averaging the B's averages the updates B @ A exactly.
+    freeze_lora_a: bool = False
 
     @model_validator(mode="after")
     def _weight_delta_needs_lora(self) -> "PeftSection":

@@ -70,7 +70,8 @@ class LoraProducts:
                 weight = f"{module_name}.base_layer.weight"
                 if a not in sent and b not in sent:
                     continue  # a local (personal) LoRA: never sent, never merged
-                if a not in sent or b not in sent:
+                frozen_a = a not in sent and b in sent and not params[a].requires_grad  # FFA-LoRA: A fixed
+                if (a not in sent and not frozen_a) or b not in sent:
                     raise ConfigError(f"peft.fuse_lora_as weight_delta needs both factors of {module_name} in "
                                      "peft.global_patterns (one is sent, the other not)")
                 if weight not in params:
@@ -84,7 +85,8 @@ class LoraProducts:
         passthrough = tuple(n for n in global_names if n not in in_pairs)
         weights = {p.weight: params[p.weight] for p in pairs}
         weights.update({n: params[n] for n in passthrough})
-        return cls(tuple(pairs), Layout.of({n: initial[n] for n in global_names}), Layout.of(weights), initial,
+        start = {**{n: params[n].detach() for n in in_pairs}, **initial}  # a frozen A is not sent: its value is the model's
+        return cls(tuple(pairs), Layout.of({n: initial[n] for n in global_names}), Layout.of(weights), start,
                    passthrough)
 
     @staticmethod
@@ -114,7 +116,8 @@ class LoraProducts:
         with torch.no_grad():
             for p in self.pairs:
                 for name, module in ((p.a, p.layer.lora_A[p.adapter]), (p.b, p.layer.lora_B[p.adapter])):
-                    module.weight.copy_(self.initial[name] + factor_deltas[name].float())
+                    moved = factor_deltas[name].float() if name in factor_deltas else 0.0  # a frozen A does not move
+                    module.weight.copy_(self.initial[name] + moved)
                 out[p.weight] = self._delta(p) - self.initial_delta[p.weight]  # zero when nothing was learnt
         out.update({n: factor_deltas[n] for n in self.passthrough})
         return out

@@ -46,6 +46,8 @@ def wrap_peft(model: torch.nn.Module, cfg: ExperimentConfig, seed: int, causal_l
     for name, param in model.named_parameters():
         if "adapter_down" in name or "adapter_up" in name:
             param.requires_grad_(True)
+        if cfg.peft.freeze_lora_a and ".lora_A." in name:  # FFA-LoRA: only B trains (and is sent)
+            param.requires_grad_(False)
         if matches(name, cfg.peft.frozen_patterns):
             param.requires_grad_(False)
     return model
