@@ -325,3 +325,28 @@ def test_payload_normalisation_drowns_small_packets_packet_normalisation_does_no
 
     assert abs(rel(per_packet) - 0.1) < 0.02  # every packet at its own 10 dB
     assert rel(per_payload) > 1000  # the quiet half sits 60 dB below the payload's power
+
+
+def test_a_little_is_enough_sits_inside_the_honest_spread_where_krum_picks_it():
+    """ALIE's attackers send mean - z std of the honest updates (z = 0.2533 for 10 clients, 2 attackers:
+    the normal quantile of (n - s) / n, s = floor(n/2 + 1) - f). Krum, which shuns a sign-flipped outlier,
+    picks the ALIE update: it sits closer to everyone than any honest one."""
+    from fedllm.channels.byzantine import alie_z
+    from fedllm.strategies import build_rule
+
+    assert alie_z(10, 2) == pytest.approx(0.2533, abs=1e-4)
+    g = torch.Generator().manual_seed(0)
+    honest = 0.5 + torch.randn(8, 2000, generator=g)
+    batch = torch.cat([honest, -4 * honest[:2]])  # rows p8, p9 will be the attackers
+    meta = ClientMeta([f"p{i}" for i in range(10)], torch.ones(10))
+    out, report = build_channel("byzantine", {"attack": "alie", "clients": ["p8", "p9"]}, 0).transmit(batch, meta)
+    expected = honest.mean(0) - alie_z(10, 2) * honest.std(0, unbiased=False)
+    assert torch.allclose(out[8], expected) and torch.allclose(out[9], expected) and torch.equal(out[:8], honest)
+    assert report.extra["attackers"] == 2.0
+    krum = build_rule("krum", {"f": 2})
+    assert any(torch.equal(krum(batch, torch.ones(10)), row) for row in honest)  # the flip is shunned
+    assert torch.equal(krum(out, torch.ones(10)), expected)  # ALIE is chosen
+    ipm, _ = build_channel("byzantine", {"attack": "ipm", "fraction": 0.2, "epsilon": 0.5}, 0).transmit(honest, _meta(8))
+    flipped = [i for i in range(8) if not torch.equal(ipm[i], honest[i])]
+    assert len(flipped) == 2 and all(torch.allclose(ipm[i], -0.5 * honest[[j for j in range(8) if j not in flipped]].mean(0))
+                                     for i in flipped)
