@@ -45,6 +45,22 @@ class ChannelReport:
     aggregated: bool = False  # True: ``received`` is one (1 x d) superposed sum (over-the-air)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def concat(cls, reports: list["ChannelReport"], order: list[int]) -> "ChannelReport":
+        """One report of several batches sent apart (payloads of different sizes): row ``order[j]`` of the
+        result is row j of the reports taken in turn; numeric extras are averaged over the clients."""
+        at = torch.empty(len(order), dtype=torch.long)
+        at[torch.tensor(order)] = torch.arange(len(order))
+
+        def rows(field_: str) -> torch.Tensor:
+            return torch.cat([getattr(r, field_) for r in reports])[at]
+
+        symbols = rows("symbols") if all(r.symbols is not None for r in reports) else None
+        sizes = [len(r.mse) for r in reports]
+        extra = {k: sum(float(r.extra[k]) * n for r, n in zip(reports, sizes)) / sum(sizes)
+                 for k in reports[0].extra if all(isinstance(r.extra.get(k), (int, float)) for r in reports)}
+        return cls(rows("mse"), rows("snr_db"), rows("bits"), rows("dropped"), symbols, False, extra)
+
     def summary(self) -> dict[str, float]:
         finite = self.snr_db[torch.isfinite(self.snr_db)]
         out = {

@@ -21,6 +21,7 @@ from fedllm.clients import TRAINERS, client_seed
 from fedllm.config import ConfigError, ExperimentConfig, config_from_json
 from fedllm.core.bundle import ModelBundle
 from fedllm.core.faults import apply_fault
+from fedllm.core.lora_ranks import RANK_METRIC, client_rank, rank_config, truncate_to
 from fedllm.core.vectors import get_tensors, set_tensors, subtract
 from fedllm.strategies import build_rule
 from fedllm.workloads import Workload, workload_for
@@ -55,6 +56,7 @@ class ClientRound:
     server_round: int
     partition_id: int  # -1 for a device with its own data
     num_partitions: int
+    rank: int | None = None  # its LoRA rank (None: not LoRA)
 
 
 def check_same_code(config: dict) -> None:
@@ -70,18 +72,23 @@ def check_same_code(config: dict) -> None:
 def _prepare(content: RecordDict, context: Context) -> ClientRound:
     config = dict(content.config_records[CONFIG])
     check_same_code(config)
-    cfg = config_from_json(str(config["experiment"]))
     partition_id, num_partitions = _partition(context, config)
+    cfg = config_from_json(str(config["experiment"]))
+    rank = client_rank(cfg.peft, partition_id, context.node_config) if cfg.peft.method == "lora" else None
+    if rank is not None:  # a device of lower LoRA rank builds its model at that rank (fedllm/core/lora_ranks.py)
+        cfg = rank_config(cfg, rank)
     workload = workload_for(cfg)
     bundle = workload.cached_model()
     data = workload.client_data(partition_id, num_partitions, context.node_config)
     _restore(bundle, content, context)
-    return ClientRound(cfg, workload, bundle, data, int(config.get("round", 0)), partition_id, num_partitions)
+    return ClientRound(cfg, workload, bundle, data, int(config.get("round", 0)), partition_id, num_partitions, rank)
 
 
 def _restore(bundle: ModelBundle, content: RecordDict, context: Context) -> None:
-    """Global group from the message, local group from this client's state (or its initial value)."""
-    set_tensors(bundle.model, content.array_records[GLOBAL].to_torch_state_dict())
+    """Global group from the message (its first LoRA components, at a lower rank), local group from this
+    client's state (or its initial value)."""
+    shapes = {name: tuple(p.shape) for name, p in bundle.model.named_parameters()}
+    set_tensors(bundle.model, truncate_to(content.array_records[GLOBAL].to_torch_state_dict(), shapes))
     local = context.state.array_records.get(LOCAL_STATE)
     set_tensors(bundle.model, local.to_torch_state_dict() if local is not None else bundle.initial_local)
 
@@ -121,6 +128,8 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
                "local_rounds": _count_rounds(context), "train_time": train_time, **result.extra}
     if job.partition_id >= 0:
         metrics["partition"] = job.partition_id
+    if job.rank is not None:
+        metrics[RANK_METRIC] = job.rank
     for fault in cfg.client.faults:
         if fault.hits(job.partition_id, job.num_partitions, cfg.seed):
             delta = apply_fault(fault, delta, metrics, seed=ctx.seed)

@@ -21,7 +21,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedllm.apps.console import done_line, round_line, start_line
-from fedllm.apps.payload import DELTA, METRICS, RejectedReply, parse_reply, reject_outlier_norms, round_content
+from fedllm.apps.payload import (DELTA, METRICS, RejectedReply, parse_reply, payload_bytes, reject_outlier_norms,
+                                 round_content)
 from fedllm.apps.sampling import sample_clients
 from fedllm.config import ConfigError, ExperimentConfig
 from fedllm.core.types import ClientUpdate
@@ -73,6 +74,7 @@ class Replies:
     missing: list[int] = field(default_factory=list)
     arrived: int = 0  # replies from the clients themselves (errors they raised included)
     payloads: int = 0  # replies that carried a payload: what used the uplink
+    bytes_up: int = 0  # what those payloads took (clients of lower LoRA rank send less)
 
     def take(self, node: int, reply: Message, layout: Layout, stat_layouts: dict[str, Layout]) -> None:
         if reply.has_error() and reply.error.code in GONE:  # the SuperLink answered for a node that is gone
@@ -80,7 +82,9 @@ class Replies:
             log.warning("node %s is unavailable: %s", node, reply.error.reason)
             return
         self.arrived += 1
-        self.payloads += int(not reply.has_error() and DELTA in reply.content.array_records)
+        if not reply.has_error() and DELTA in reply.content.array_records:
+            self.payloads += 1
+            self.bytes_up += payload_bytes(reply.content)
         try:
             self.updates.append(parse_reply(reply, layout, node, stat_layouts))
         except RejectedReply as why:
@@ -220,8 +224,8 @@ class FederatedRun:
             "round": rnd, "clients_sampled": len(replies.sampled), "sampled": [self.identities[n] for n in replies.sampled],
             "clients_replied": replies.arrived, "clients_used": len(updates), "clients_rejected": len(replies.rejected),
             "clients_missing": len(replies.missing), "missing_nodes": replies.missing, "rejected": replies.rejected,
-            "bytes_up": self.payload_bytes * replies.payloads, "bytes_down": self.down_bytes * len(replies.sampled),
-            "bytes_up_per_client": self.payload_bytes}
+            "bytes_up": replies.bytes_up, "bytes_down": self.down_bytes * len(replies.sampled),
+            "bytes_up_per_client": replies.bytes_up // replies.payloads if replies.payloads else self.payload_bytes}
         if len(updates) < cfg.strategy.min_clients:
             self.echo(f"[round {rnd}/{cfg.rounds}] skipped: {len(updates)} usable replies < strategy.min_clients="
                       f"{cfg.strategy.min_clients}")
@@ -280,7 +284,7 @@ class FederatedRun:
             self.writer.log_round(record)
             self.next_round = rnd + 1
             save_checkpoint(self.writer.dir, self._state())
-            self.echo(round_line(record, cfg.rounds, m, self.payload_bytes))
+            self.echo(round_line(record, cfg.rounds, m, record["bytes_up_per_client"]))
         summary = self.summary()
         self.writer.finish(self.global_params, summary)
         self.echo(done_line(summary, m, self.writer.dir))

@@ -9,10 +9,13 @@ left out of the fusion; one bad client never stops the server.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm.apps.fingerprint import code_fingerprint, code_location
+from fedllm.core.lora_ranks import RANK_METRIC, rank_axis, rank_layout
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, flatten
 
@@ -82,17 +85,44 @@ def parse_reply(msg: Message, layout: Layout, node: int | None = None,
     content = msg.content
     if DELTA not in content.array_records or METRICS not in content.metric_records:
         raise RejectedReply(f"client {node}: reply lacks '{DELTA}' or '{METRICS}' records")
-    flat = _checked_flat(content.array_records[DELTA], layout, node, "parameter")
+    metrics = dict(content.metric_records[METRICS])
+    rank = client_rank(metrics, layout, node)
+    flat = _checked_flat(content.array_records[DELTA], layout if rank is None else rank_layout(layout, rank),
+                         node, "parameter")
     stats = {}
     for name, stat_layout in (stat_layouts or {}).items():
         if STAT + name not in content.array_records:
             raise RejectedReply(f"client {node}: reply lacks the '{name}' statistics the fusion rule needs")
         stats[name] = _checked_flat(content.array_records[STAT + name], stat_layout, node, name)
-    metrics = dict(content.metric_records[METRICS])
     num_examples = int(metrics.get(NUM_EXAMPLES, 0))
     if num_examples <= 0:
         raise RejectedReply(f"client {node}: reported {num_examples} examples")
-    return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()}, stats)
+    return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()}, stats, rank)
+
+
+def global_rank(layout: Layout) -> int | None:
+    """The rank of the sent LoRA factors (None when no LoRA factor is sent)."""
+    ranks = {shape[axis] for name, shape in zip(layout.names, layout.shapes) if (axis := rank_axis(name)) is not None}
+    return max(ranks) if ranks else None
+
+
+def client_rank(metrics: dict, layout: Layout, node: int) -> int | None:
+    """The LoRA rank a client says it trained at, when below the global one (its payload is smaller)."""
+    if RANK_METRIC not in metrics:
+        return None
+    top, rank = global_rank(layout), metrics[RANK_METRIC]
+    if top is None or rank == top:
+        return None
+    if not isinstance(rank, int) or not 1 <= rank < top:
+        raise RejectedReply(f"client {node}: LoRA rank {rank!r} does not fit the global rank {top} (peft.r); a "
+                            f"client's rank is a whole number from 1 to {top}")
+    return rank
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """What a reply's payload took on the uplink: 4 bytes per value sent (its update and statistics)."""
+    return 4 * sum(math.prod(array.shape) for name, record in content.array_records.items()
+                   if name == DELTA or name.startswith(STAT) for array in record.values())
 
 
 def reject_outlier_norms(updates: list[ClientUpdate], ratio: float | None) -> tuple[list[ClientUpdate], list[str]]:

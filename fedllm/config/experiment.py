@@ -63,8 +63,9 @@ class ExperimentConfig(_Section):
                              ("optimizer", {"name": "none"})):
             if data["strategy"].get(key) == default:
                 data["strategy"].pop(key)
-        if data["peft"].get("freeze_lora_a") is False:  # added later: as before
-            data["peft"].pop("freeze_lora_a")
+        for key, default in (("freeze_lora_a", False), ("ranks", None)):  # added later: as before
+            if data["peft"].get(key) == default:
+                data["peft"].pop(key)
         # defaults widened for decoder models hash as the defaults they replace did, for the same runs
         if data["peft"]["adapter_targets"] is None:
             data["peft"]["adapter_targets"] = ["output.dense"]

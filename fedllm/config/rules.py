@@ -75,9 +75,9 @@ def statistics_in_the_fused_space(cfg: "ExperimentConfig") -> None:
     rule = cfg.strategy.registry().get(cfg.strategy.name)
     params = cfg.strategy.registry().validate(cfg.strategy.name, cfg.strategy.params(), "strategy")
     needed = rule(params).client_statistics()
-    if "fisher" in needed and cfg.peft.fuse_lora_as == "weight_delta":
+    if "fisher" in needed and cfg.peft.fuse_lora_as != "factors":
         raise ValueError("strategy 'fisher' weighs the tensors a client sends; with peft.fuse_lora_as "
-                         "'weight_delta' the server fuses B @ A instead: use fuse_lora_as: factors or regmean")
+                         f"{cfg.peft.fuse_lora_as!r} the server fuses B @ A instead: use fuse_lora_as: factors or regmean")
 
 
 def both_halves_of_an_algorithm(cfg: "ExperimentConfig") -> None:
@@ -88,7 +88,7 @@ def both_halves_of_an_algorithm(cfg: "ExperimentConfig") -> None:
         name = wanted or needed
         raise ValueError(f"{name} has a server half and a client half: strategy.name {name} and client.trainer "
                          f"{name} go together")
-    if wanted and cfg.peft.fuse_lora_as == "weight_delta":
+    if wanted and cfg.peft.fuse_lora_as != "factors":
         raise ValueError(f"{wanted}'s control variates live in the sent tensors: use peft.fuse_lora_as: factors")
 
 
@@ -107,14 +107,34 @@ def a_summed_uplink_needs_averaging(cfg: "ExperimentConfig") -> None:
     if cfg.strategy.dp_clip_norm is not None:
         raise ValueError("channel 'ota' superposes the clients' raw updates, so the server can neither clip them "
                          "nor add DP noise per client: strategy.dp_clip_norm needs another channel")
-    if cfg.peft.fuse_lora_as == "weight_delta":
+    if cfg.peft.fuse_lora_as != "factors":
         raise ValueError("channel 'ota' delivers only the sum of the LoRA factors, not each client's B @ A: "
-                         "peft.fuse_lora_as 'weight_delta' needs another channel (or fuse_lora_as: factors)")
+                         f"peft.fuse_lora_as {cfg.peft.fuse_lora_as!r} needs another channel (or fuse_lora_as: factors)")
+
+
+def heterogeneous_ranks_meet_in_one_space(cfg: "ExperimentConfig") -> None:
+    """Clients of different LoRA ranks send payloads of different sizes: the server pads them after the
+    channel (fedllm/core/lora_ranks.py), so they cannot be superposed on the air, and per-client
+    statistics (a Fisher, SCAFFOLD's control variates) would need the same padding rule."""
+    peft = cfg.peft
+    if peft.fuse_lora_as == "svd" and _rule(cfg).needs_labelled_shots:
+        raise ValueError(f"peft.fuse_lora_as 'svd' (FlexLoRA) re-factorises the fused product; strategy "
+                         f"{cfg.strategy.name!r} trains the merged model after fusion: use fuse_lora_as: weight_delta")
+    if not peft.heterogeneous:
+        return
+    if _delivers_sum(cfg):
+        raise ValueError(f"peft.ranks {peft.ranks}: clients of different ranks send payloads of different sizes, "
+                         "which cannot be superposed over the air; use another channel or one rank")
+    params = cfg.strategy.registry().validate(cfg.strategy.name, cfg.strategy.params(), "strategy")
+    if _rule(cfg)(params).client_statistics() or _rule(cfg).client_trainer:
+        raise ValueError(f"peft.ranks {peft.ranks}: strategy {cfg.strategy.name!r} fuses per-client statistics "
+                         "in the sent layout, which differs by rank; use one rank or another strategy")
 
 
 RULES: list[Callable[["ExperimentConfig"], None]] = [
     rl_goes_with_the_rl_trainer, dp_is_for_averaging, amplification_needs_poisson_sampling, only_local_only_sends_nothing, frozen_layers_where_needed,
     personalisation_keeps_a_local_part, statistics_in_the_fused_space, both_halves_of_an_algorithm, a_summed_uplink_needs_averaging,
+    heterogeneous_ranks_meet_in_one_space,
 ]
 
 

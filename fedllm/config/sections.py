@@ -96,17 +96,40 @@ class PeftSection(_Section):
     # How the server fuses LoRA updates: `factors` fuses A and B as tensors (FedIT); `weight_delta`
     # fuses each client's scaling * B @ A and folds it into the base weights (what task arithmetic,
     # TIES and DARE are defined on); clients still send only the factors (fedllm/fusion/lora_products.py).
-    fuse_lora_as: Literal["factors", "weight_delta"] = "factors"
+    # `svd` (FlexLoRA, Bai et al. 2024) fuses the clients' whole products B @ A and re-factorises the
+    # result by SVD into the global factors, whose first r_k components are each client's best rank-r_k
+    # share of it; the base weights never change and only factors go down.
+    fuse_lora_as: Literal["factors", "weight_delta", "svd"] = "factors"
+    # Heterogeneous LoRA ranks: partition i trains at rank ranks[i % len(ranks)] (<= r, the global rank);
+    # a SuperNode's node-config `lora-rank` overrides it. How they meet: fuse_lora_as `factors` zero-pads
+    # the factors (HetLoRA), `weight_delta` sums the products exactly (FLoRA's stacking), `svd` (FlexLoRA).
+    ranks: list[PositiveInt] | None = None
     # FFA-LoRA (Sun et al. 2024): LoRA's A stays at its (seeded, shared) random initial value and only B
     # trains and is sent: half the uplink, and averaging the B's averages the updates B @ A exactly.
     freeze_lora_a: bool = False
 
     @model_validator(mode="after")
     def _weight_delta_needs_lora(self) -> "PeftSection":
-        if self.fuse_lora_as == "weight_delta" and self.method != "lora":
-            raise ValueError(f"peft.fuse_lora_as 'weight_delta' merges LoRA factors; peft.method is {self.method!r} "
-                             "(use method: lora, or drop fuse_lora_as)")
+        if self.fuse_lora_as != "factors" and self.method != "lora":
+            raise ValueError(f"peft.fuse_lora_as {self.fuse_lora_as!r} merges LoRA factors; peft.method is "
+                             f"{self.method!r} (use method: lora, or drop fuse_lora_as)")
+        if self.fuse_lora_as == "svd" and self.freeze_lora_a:
+            raise ValueError("peft.fuse_lora_as 'svd' (FlexLoRA) sends new A and B down every round; "
+                             "peft.freeze_lora_a keeps A fixed: use fuse_lora_as: weight_delta with it")
+        if self.ranks is not None:
+            if self.method != "lora":
+                raise ValueError(f"peft.ranks are LoRA ranks; peft.method is {self.method!r} (use method: lora)")
+            if not self.ranks:
+                raise ValueError("peft.ranks is empty: give one rank per device class (e.g. [2, 4, 8]) or drop it")
+            if max(self.ranks) > self.r:
+                raise ValueError(f"peft.ranks {self.ranks} has a rank above the global rank peft.r={self.r}: the "
+                                 f"server keeps the largest; set peft.r: {max(self.ranks)}")
         return self
+
+    @property
+    def heterogeneous(self) -> bool:
+        """True when clients may train LoRA at different ranks (from the config; node configs may add more)."""
+        return bool(self.ranks) and set(self.ranks) != {self.r}
 
 
 class TaskSpec(_Section):

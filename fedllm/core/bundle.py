@@ -7,6 +7,8 @@ with each example restricted to its own task's labels.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,24 @@ class ModelBundle:
     initial_global: Tensors
     initial_local: Tensors
     device: torch.device
+
+
+class BundleCache:
+    """The last few model bundles of this process, by model-defining key. A worker serves many rounds
+    and virtual clients; with heterogeneous LoRA ranks it needs one model per rank, and rebuilding on
+    every switch would cost a model load per client."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size, self.bundles = size, OrderedDict[str, ModelBundle]()
+
+    def get(self, key: str, build: Callable[[], ModelBundle]) -> ModelBundle:
+        if key in self.bundles:
+            self.bundles.move_to_end(key)
+        else:
+            while len(self.bundles) >= self.size:
+                self.bundles.popitem(last=False)
+            self.bundles[key] = build()
+        return self.bundles[key]
 
 
 def masked_logits(logits: torch.Tensor, tasks: torch.Tensor, label_ranges: list[tuple[int, int]]) -> torch.Tensor:

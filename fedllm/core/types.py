@@ -42,6 +42,7 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # flat statistics a fusion rule asked for
+    rank: int | None = None  # its LoRA rank when below the global one: ``delta`` is in that rank's layout
 
     @property
     def client_id(self) -> str:

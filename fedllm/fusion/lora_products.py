@@ -14,6 +14,10 @@ The weight delta of a pair of factors is the adapted layer's own ``get_delta_wei
 tuner layer owns the scaling, ``fan_in_fan_out`` for GPT-2's Conv1D, and dtypes): the received
 factors are put into the server's layer for the call and the layer's own factors put back after.
 A client's update is relative to the factors' initial value: delta(A0 + dA, B0 + dB) - delta(A0, B0).
+
+:class:`SvdProducts` is FlexLoRA (Bai et al. 2024, ``fuse_lora_as: svd``): the global LoRA is the
+SVD of the fused product, the base weights never change, and a client of rank r_k starts from
+the first r_k components, its best rank-r_k share of the product (Eckart-Young).
 """
 
 from __future__ import annotations
@@ -133,6 +137,24 @@ class LoraProducts:
             return torch.stack([flatten(self._weight_delta_loaded(unflatten(row, self.factor_layout)),
                                         self.weight_layout) for row in rows])
 
+    # ------------------------------------------------ how the pipeline uses a fusion space
+    def global_tensors(self, model: torch.nn.Module) -> Tensors:
+        """What the global state holds besides the sent group: the base weights the products fold into."""
+        params = dict(model.named_parameters())
+        return {p.weight: params[p.weight].detach().to("cpu", copy=True) for p in self.pairs}
+
+    def start_round(self, global_params: Mapping[str, torch.Tensor]) -> None:
+        """The factors every client starts the round from are their initial value: nothing to do."""
+
+    def padding(self, global_params: Mapping[str, torch.Tensor]) -> Tensors | None:
+        """What a rank-r_k client's update holds beyond its rank, relative to the round's start: zero."""
+        return None
+
+    def apply(self, global_params: Tensors, fused: torch.Tensor | None, scale: float) -> Tensors:
+        from fedllm.fusion.pipeline import apply_update
+
+        return apply_update(global_params, fused, self.weight_layout, scale)
+
     def fold(self, model: torch.nn.Module) -> Tensors:
         """Fold the model's current LoRA (relative to its initial value) into the base weights and
         reset the factors: the merged weights, in the weight layout. Used after the server trains
@@ -145,3 +167,69 @@ class LoraProducts:
                 params[p.a].copy_(self.initial[p.a])
                 params[p.b].copy_(self.initial[p.b])
         return {n: params[n].detach().to("cpu", copy=True) for n in self.weight_layout.names}
+
+
+def svd_factors(product: torch.Tensor, rank: int, scaling: float, spare_a: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of rank ``rank`` with ``scaling * B @ A`` the best rank-``rank`` approximation of ``product``
+    (out x in), components by decreasing singular value, split evenly (sqrt(S) on each side). A component
+    with no singular value (the product has lower rank) gets ``spare_a``'s row and a zero column of B, so it
+    adds nothing but can still learn (with A and B both zero neither would get a gradient)."""
+    u, s, vh = torch.linalg.svd(product.double(), full_matrices=False)
+    k = min(rank, s.numel())
+    root = (s[:k] / scaling).sqrt()
+    b = torch.zeros(product.shape[0], rank, dtype=torch.float64)
+    a = spare_a.double().clone()
+    live = s[:k] > (s[0] * 1e-7 if s.numel() and s[0] > 0 else float("inf"))
+    b[:, :k] = torch.where(live, u[:, :k] * root, 0.0)
+    a[:k] = torch.where(live[:, None], root[:, None] * vh[:k], a[:k])
+    return b.float(), a.float()
+
+
+class SvdProducts(LoraProducts):
+    """FlexLoRA: clients' whole products fused, then re-factorised into the global factors by SVD.
+
+    A client's row is its full product minus the round's global product, so averaging the rows and
+    adding them to the global product averages the full products, as FlexLoRA does. The global factors
+    stay SVD-ordered, so a client of rank r_k keeping their first r_k components starts from the best
+    rank-r_k approximation of the global product; what lies beyond its rank is not its to keep, so its
+    update takes it out (:meth:`padding`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spare = dict(self.initial)  # the factors' first value: A rows for null components
+
+    def global_tensors(self, model: torch.nn.Module) -> Tensors:
+        return {}  # the base weights never change; only factors go down
+
+    def start_round(self, global_params: Mapping[str, torch.Tensor]) -> None:
+        """The round's clients start from the global factors: products are relative to them."""
+        self.initial = {n: global_params[n].detach().to("cpu", torch.float32) for p in self.pairs for n in (p.a, p.b)}
+        with self._factors(self.initial):
+            self.initial_delta = {p.weight: self._delta(p) for p in self.pairs}
+
+    def padding(self, global_params: Mapping[str, torch.Tensor]) -> Tensors | None:
+        """Beyond its rank a client's factors are zero: relative to the global ones, minus them."""
+        return {n: -global_params[n].detach().to("cpu", torch.float32) for p in self.pairs for n in (p.a, p.b)}
+
+    def apply(self, global_params: Tensors, fused: torch.Tensor | None, scale: float) -> Tensors:
+        """The global product plus ``scale`` x the fused rows, re-factorised at the global rank."""
+        if fused is None:
+            return global_params
+        delta = unflatten(fused, self.weight_layout)
+        out = dict(global_params)
+        with self._factors({n: global_params[n].float() for p in self.pairs for n in (p.a, p.b)}):
+            for p in self.pairs:
+                product = self._delta(p) + scale * delta[p.weight]
+                if p.layer.fan_in_fan_out:  # GPT-2's Conv1D keeps its weight as in x out
+                    product = product.T
+                scaling = float(p.layer.scaling[p.adapter])
+                b, a = svd_factors(product, global_params[p.b].shape[1], scaling, self.spare[p.a])
+                out[p.a], out[p.b] = a.to(global_params[p.a].dtype), b.to(global_params[p.b].dtype)
+        for name in self.passthrough:
+            out[name] = global_params[name] + scale * delta[name].to(global_params[name].dtype)
+        return out
+
+    def fold(self, model: torch.nn.Module) -> Tensors:
+        raise ConfigError("peft.fuse_lora_as 'svd' keeps the base weights fixed; folding LoRA into them is "
+                          "weight_delta's way")

@@ -24,10 +24,11 @@ from fedllm.channels import Channel, ChannelReport, ClientMeta, build_channel
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle
 from fedllm.core.errors import ConfigError
+from fedllm.core.lora_ranks import pad_rows, rank_layout
 from fedllm.core.modules import sent_linear_layers
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, unflatten
-from fedllm.fusion.lora_products import LoraProducts
+from fedllm.fusion.lora_products import LoraProducts, SvdProducts
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
 from fedllm.strategies import FusionRule, FusionSpace, InsufficientUpdates, build_rule
 from fedllm.strategies.optimizers import build_optimizer
@@ -72,19 +73,50 @@ def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: Channel
 
 def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule,
                  to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 space: FusionSpace | None = None) -> tuple[torch.Tensor | None, dict[str, Any]]:
+                 space: FusionSpace | None = None,
+                 pad: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """Stack the updates, send them through the channel in one call, fuse what arrived. Updates are
     put in client-id order first: replies arrive in any order, and the channel's noise draws and the
     fusion's float sums must not depend on it (reproducible runs, resume). Statistics a rule fuses with
-    cross the same uplink after the updates, one channel call each."""
+    cross the same uplink after the updates, one channel call each. Clients of different LoRA ranks
+    send payloads of different sizes: each size crosses the channel as its own batch, and ``pad``
+    brings a rank's received rows to the global layout (fedllm/core/lora_ranks.py)."""
     updates = sorted(updates, key=lambda u: u.client_id)
-    batch = torch.stack([u.delta for u in updates])
     weights = torch.tensor([float(u.num_examples) for u in updates])
     meta = ClientMeta(ids=[u.client_id for u in updates], num_examples=weights)
-    received, report = channel.transmit(batch, meta)
+    received, report = transmit_by_rank(updates, channel, meta, pad)
+    if received is None:
+        return None, {**report.summary(), "fusion_skipped": "over-the-air aggregation needs payloads of one size; "
+                      f"the clients' LoRA ranks differ ({sorted({u.rank for u in updates})})"}
     stats = {name: channel.transmit(torch.stack([u.stats[name] for u in updates]), meta)[0]
              for name in sorted(updates[0].stats)}
     return fuse_received(received, weights, report, rule, to_fusion_space, stats, space)
+
+
+def transmit_by_rank(updates: list[ClientUpdate], channel: Channel, meta: ClientMeta,
+                     pad: Callable[[torch.Tensor, int], torch.Tensor] | None
+                     ) -> tuple[torch.Tensor | None, ChannelReport]:
+    """The received rows (global layout, in the updates' order) and the channel's report: one channel
+    call when every payload has one size, else one per rank. ``None`` rows: an over-the-air channel
+    met payloads of different sizes."""
+    ranks = [u.rank for u in updates]
+    if len(set(ranks)) == 1 or pad is None:
+        return channel.transmit(torch.stack([u.delta for u in updates]), meta)
+    rows: list[torch.Tensor | None] = [None] * len(updates)
+    reports, order = [], []
+    for rank in sorted(set(ranks), key=ranks.index):
+        idx = [i for i, r in enumerate(ranks) if r == rank]
+        sub = ClientMeta([meta.ids[i] for i in idx], meta.num_examples[idx],
+                         None if meta.tx_power is None else meta.tx_power[idx])
+        got, rep = channel.transmit(torch.stack([updates[i].delta for i in idx]), sub)
+        if rep.aggregated:
+            return None, rep
+        for i, row in zip(idx, pad(got, rank)):
+            rows[i] = row
+        reports.append(rep)
+        order += idx
+    return torch.stack(rows), ChannelReport.concat(reports, order)
 
 
 def statistic_layouts(requested: dict[str, Any], bundle: ModelBundle, sent: Layout) -> dict[str, Layout]:
@@ -142,8 +174,10 @@ class FusionPipeline:
         self.layout = Layout.of(bundle.initial_global)  # what clients send
         # LoRA merged as weight deltas: clients send factors, the server fuses scaling * B @ A in the
         # base weights' layout and sends those weights down with the factors at their initial value.
-        self.lora = (LoraProducts.of(bundle.model, bundle.groups.global_names, bundle.initial_global)
-                     if cfg.peft.fuse_lora_as == "weight_delta" else None)
+        # FlexLoRA (``svd``): the same products, re-factorised into the global factors after fusion.
+        products = {"weight_delta": LoraProducts, "svd": SvdProducts}.get(cfg.peft.fuse_lora_as)
+        self.lora = (products.of(bundle.model, bundle.groups.global_names, bundle.initial_global)
+                     if products is not None else None)
         self.fusion_layout = self.lora.weight_layout if self.lora is not None else self.layout
         self.channel = channel or build_channel(cfg.channel.kind, cfg.channel.params(), cfg.seed)
         self.rule: FusionRule = build_rule(cfg.strategy.name, cfg.strategy.params(), cfg.seed)
@@ -151,6 +185,7 @@ class FusionPipeline:
         self.stat_layouts = statistic_layouts(self.rule.client_statistics(), bundle, self.layout)
         self.space = FusionSpace(self.fusion_layout, self.stat_layouts)
         self.rule.check(bundle)
+        self._padding: Tensors | None = None
         strategy = cfg.strategy
         self.dp = (DifferentiallyPrivate(self.rule, strategy.dp_clip_norm, strategy.dp_noise_multiplier, cfg.seed + 17)
                    if strategy.dp_clip_norm is not None else None)
@@ -173,7 +208,7 @@ class FusionPipeline:
         weights the LoRA products are folded into."""
         params = dict(self.bundle.initial_global)
         if self.lora is not None:
-            params.update(get_tensors(self.bundle.model, self.lora.weight_layout.names))
+            params.update(self.lora.global_tensors(self.bundle.model))
         return params
 
     # ---------------------------------------------------------------- the steps
@@ -184,6 +219,25 @@ class FusionPipeline:
     def downlink(self) -> dict[str, Tensors]:
         """What the server sends besides the global group (the rule's, e.g. SCAFFOLD's control variate)."""
         return self.rule.downlink(self.space)
+
+    def pad(self, rows: torch.Tensor, rank: int | None) -> torch.Tensor:
+        """A rank's received rows in the global layout (fedllm/core/lora_ranks.py); the round's start
+        (:meth:`start_round`) says what lies beyond a client's rank."""
+        if rank is None:
+            return rows
+        return pad_rows(rows, rank_layout(self.layout, rank), self.layout, self._padding)
+
+    def start_round(self, global_params: Tensors) -> None:
+        """What the round's updates are relative to (FlexLoRA: the global factors)."""
+        if self.lora is not None:
+            self.lora.start_round(global_params)
+        self._padding = self.lora.padding(global_params) if self.lora is not None else None
+
+    def apply(self, global_params: Tensors, fused: torch.Tensor | None, scale: float) -> Tensors:
+        """``global + scale * fused`` in the fusion space (FlexLoRA re-factorises the product)."""
+        if self.lora is not None:
+            return self.lora.apply(global_params, fused, scale)
+        return apply_update(global_params, fused, self.fusion_layout, scale)
 
     def to_fusion_space(self, rows: torch.Tensor) -> torch.Tensor:
         """Received rows as what is fused (LoRA factors -> weight deltas); the channel saw the payload."""
@@ -202,8 +256,8 @@ class FusionPipeline:
             return float(self.cfg.strategy.server_lr), {}
         if fused is None or not self.workload.has_validation():
             return 1.0, {}
-        scores = {str(lam): self.workload.validation_score(
-            self.bundle, apply_update(global_params, fused, self.fusion_layout, lam)) for lam in grid}
+        scores = {str(lam): self.workload.validation_score(self.bundle, self.apply(global_params, fused, lam))
+                  for lam in grid}
         return max(grid, key=lambda lam: scores[str(lam)]), scores
 
     def merge(self, global_params: Tensors, fused: torch.Tensor | None, seed: int,
@@ -216,7 +270,7 @@ class FusionPipeline:
         if by_lr:
             record["validation_by_lr"] = by_lr
         record["server_lr"] = scale
-        merged = apply_update(global_params, fused, self.fusion_layout, scale)
+        merged = self.apply(global_params, fused, scale)
         merged, hook_record = self.rule.post_merge(
             merged, ServerMerge(self.bundle, self.workload, self.lora, seed, global_params, self.space))
         return merged, {**record, **hook_record}
@@ -229,15 +283,17 @@ class FusionPipeline:
         self.rule.population = population
         if self.dp is not None:
             self.dp.expected_cohort = self.cfg.strategy.fraction_train * population if population else None
-        fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space, self.space)
+        self.start_round(global_params)
+        fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space, self.space,
+                                     self.pad)
         if self.ledger is not None and fused is not None:
             record["dp_epsilon"] = self.ledger.spend()
         merged, merge_record = self.merge(global_params, fused, seed, server_round)
         record.update(merge_record)
         if self.cfg.eval.fusion_metrics:  # each task's own model from its clean (pre-channel) task vector
-            individual = {int(u.metrics["task"]): apply_update(global_params, self.to_fusion_space(u.delta[None])[0],
-                                                               self.fusion_layout, 1.0)
-                          for u in updates if u.metrics.get("task", -1) >= 0}
+            individual = {int(u.metrics["task"]): self.apply(
+                global_params, self.to_fusion_space(self.pad(u.delta[None], u.rank))[0], 1.0)
+                for u in updates if u.metrics.get("task", -1) >= 0}
             record.update(self.workload.fusion_metrics(self.bundle, merged, individual))
         return merged, record
 

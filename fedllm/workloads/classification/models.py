@@ -23,7 +23,7 @@ from transformers import (
 from transformers import logging as transformers_logging
 
 from fedllm.config import ExperimentConfig
-from fedllm.core.bundle import ModelBundle, pick_device
+from fedllm.core.bundle import BundleCache, ModelBundle, pick_device
 from fedllm.core.encoders import embed_texts
 from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
@@ -115,7 +115,7 @@ def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
     )
 
 
-_CACHE: dict[str, ModelBundle] = {}
+_CACHE = BundleCache()
 
 
 def cached_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
@@ -125,7 +125,4 @@ def cached_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
     and every trainable tensor is overwritten from the message or the client's state before use.
     """
     key = "|".join([cfg.model.model_dump_json(), cfg.peft.model_dump_json(), repr(label_names), str(cfg.seed)])
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = build_bundle(cfg, label_names)
-    return _CACHE[key]
+    return _CACHE.get(key, lambda: build_bundle(cfg, label_names))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fedllm.config import ExperimentConfig
-from fedllm.core.bundle import ModelBundle, pick_device
+from fedllm.core.bundle import BundleCache, ModelBundle, pick_device
 from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
 from fedllm.core.store import cache_root
@@ -149,7 +149,7 @@ def build_policy(cfg: ExperimentConfig) -> ModelBundle:
                        initial_local=get_tensors(model, groups.local_names), device=device)
 
 
-_CACHE: dict[str, ModelBundle] = {}
+_CACHE = BundleCache()
 
 
 def cached_policy(cfg: ExperimentConfig) -> ModelBundle:
@@ -158,10 +158,7 @@ def cached_policy(cfg: ExperimentConfig) -> ModelBundle:
     assert cfg.rl is not None
     key = "|".join([cfg.model.model_dump_json(), cfg.peft.model_dump_json(), str(cfg.rl.sft_steps),
                     str(cfg.rl.sft_lr), str(cfg.seed)])
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = build_policy(cfg)
-    return _CACHE[key]
+    return _CACHE.get(key, lambda: build_policy(cfg))
 
 
 @torch.no_grad()
