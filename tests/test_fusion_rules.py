@@ -55,6 +55,24 @@ def test_dare_rescaling_keeps_the_expectation():
     assert torch.allclose(build_rule("dare", {"p": 0.0})(deltas, torch.ones(3)), deltas.sum(0))
 
 
+def test_dare_equals_pefts_dare_linear_with_a_shared_mask(monkeypatch):
+    """fedllm's DARE against PEFT's (peft.utils.merge_utils.dare_linear, PEFT 0.21): PEFT draws its masks
+    with torch.bernoulli, so it is handed the very masks fedllm's rule draws (its seeded generator, one
+    uniform draw for the whole batch, kept where >= p); the drop, the 1 / (1 - p) rescale and the sum
+    must then agree exactly."""
+    from peft.utils.merge_utils import dare_linear
+
+    p, seed = 0.7, 4
+    deltas = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    keep = (torch.rand(deltas.shape, generator=torch.Generator().manual_seed(seed)) >= p).float()
+    masks = iter(keep)
+    monkeypatch.setattr(torch, "bernoulli", lambda probs: next(masks))
+    theirs = dare_linear(list(deltas), torch.ones(3), density=1 - p)
+    ours = build_rule("dare", {"p": p}, seed=seed)(deltas, torch.ones(3))
+    assert 0.1 < float(keep.mean()) < 0.5  # the masks really drop
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
 def test_ties_equals_pefts_merge_utils():
     """fedllm's TIES against PEFT's (peft.utils.merge_utils.ties, PEFT 0.21) on the same vectors."""
     from peft.utils.merge_utils import ties
