@@ -39,70 +39,143 @@ def _wait_for(predicate, timeout: float, what: str, logs: list[Path]) -> None:
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
 
 
-@pytest.mark.deployment
-@pytest.mark.slow
-def test_superlink_and_two_supernodes_over_tls(tmp_path):
-    certs = tmp_path / "certs"
-    subprocess.run(["bash", str(REPO / "deploy" / "make_certs.sh"), str(certs)], check=True, capture_output=True)
-    home = tmp_path / "flwr"
-    home.mkdir()
-    port = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "edge"\n\n[superlink.edge]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    experiment = tmp_path / "tiny.yaml"
-    results = tmp_path / "results"
-    experiment.write_text("# loopback\n" + yaml.safe_dump({
-        "model": {"name": "tiny-bert", "max_length": 32}, "peft": {"method": "full", "global_patterns": ["*"]},
-        "data": {"tasks": ["topic"], "max_train_per_task": 300, "max_test_per_task": 100},
-        "client": {"lr": 0.003, "max_steps": 5}, "rounds": 2, "output": {"dir": str(results)}}))
-    procs: list[subprocess.Popen] = []
-    logs: list[Path] = []
+class Loopback:
+    """A SuperLink (TLS on) and SuperNodes as real processes on 127.0.0.1, each in its own session;
+    ``close`` kills every process group and checks that nothing is left behind."""
 
-    def start(name: str, cmd: list[str]) -> None:
-        log = tmp_path / f"{name}.log"
-        logs.append(log)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                      start_new_session=True, cwd=tmp_path))
+    def __init__(self, tmp_path: Path, supernode_auth: bool = False) -> None:
+        self.tmp = tmp_path
+        self.certs = tmp_path / "certs"
+        subprocess.run(["bash", str(REPO / "deploy" / "make_certs.sh"), str(self.certs)], check=True,
+                       capture_output=True)
+        home = tmp_path / "flwr"
+        home.mkdir()
+        self.port = _free_port()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "edge"\n\n[superlink.edge]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        self.results = tmp_path / "results"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: list[Path] = []
+        self.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                                 "--ssl-certfile", str(self.certs / "server.pem"),
+                                 "--ssl-keyfile", str(self.certs / "server.key"), "--host", "127.0.0.1",
+                                 "--port", str(self.port), "--database", str(tmp_path / "state.db"),
+                                 *(["--enable-supernode-auth"] if supernode_auth else [])])
+        _wait_for(lambda: "Uvicorn running on https" in self.logs[0].read_text(), 60, "the SuperLink", self.logs)
 
-    try:
-        start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-                            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-                            "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")])
-        _wait_for(lambda: "Uvicorn running on https" in logs[0].read_text(), 60, "the SuperLink", logs)
-        for i in range(2):
-            start(f"supernode{i}", [str(BIN / "flower-supernode"), "--root-certificates", str(certs / "ca.crt"),
-                                    "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
-                                    "--node-config", f"partition-id={i} num-partitions=2"])
-        _wait_for(lambda: logs[0].read_text().count("Activated node_id") >= 2, 60, "two SuperNodes", logs)
-        run = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "edge", "--stream",
-                              "--run-config", f"experiment='{experiment}'"],
-                             env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
-        (tmp_path / "flwr-run.log").write_text(run.stdout + run.stderr)
-        logs.append(tmp_path / "flwr-run.log")
-        _wait_for(lambda: any(results.glob("*/*/summary.json")), 60, "the run's summary.json", logs)
-        records = read_metrics(next(results.glob("*/*/summary.json")).parent)
-        assert [r["round"] for r in records] == [0, 1, 2]
-        assert all(r["clients_used"] == 2 for r in records[1:])
-        assert "[round 2/2]" in run.stdout
-    finally:
-        for proc in procs:
+    def start(self, name: str, cmd: list[str]) -> None:
+        log = self.tmp / f"{name}.log"
+        self.logs.append(log)
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=self.tmp)
+
+    def supernode(self, name: str, node_config: str, *extra: str) -> None:
+        """``node_config`` exactly as a user types it after ``--node-config`` (README copies these)."""
+        self.start(name, [str(BIN / "flower-supernode"), "--root-certificates", str(self.certs / "ca.crt"),
+                          "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port()),
+                          "--node-config", node_config, *extra])
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=self.tmp)
+
+    def wait_for_nodes(self, count: int) -> None:
+        _wait_for(lambda: self.logs[0].read_text().count("Activated node_id") >= count, 60,
+                  f"{count} SuperNodes", self.logs)
+
+    def run(self, experiment: dict) -> tuple[list[dict], str]:
+        """``flwr run`` of ``experiment`` (results under this deployment's folder): records, stdout."""
+        path = self.tmp / "experiment.yaml"
+        path.write_text("# loopback\n" + yaml.safe_dump({**experiment, "output": {"dir": str(self.results)}}))
+        run = self.flwr("run", str(REPO), "edge", "--stream", "--run-config", f"experiment='{path}'", timeout=400)
+        (self.tmp / "flwr-run.log").write_text(run.stdout + run.stderr)
+        self.logs.append(self.tmp / "flwr-run.log")
+        _wait_for(lambda: any(self.results.glob("*/*/summary.json")), 60, "the run's summary.json", self.logs)
+        return read_metrics(next(self.results.glob("*/*/summary.json")).parent), run.stdout
+
+    def close(self) -> None:
+        for proc in self.procs.values():
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for proc in procs:
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-    def leftovers() -> str:  # processes still naming this test's folder (children watch their parent's pid)
-        return subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True).stdout.strip()
 
-    deadline = time.monotonic() + 15
-    while leftovers() and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not leftovers(), f"orphan processes:\n{leftovers()}"
+        def leftovers() -> str:  # processes still naming this test's folder (children watch their parent's pid)
+            return subprocess.run(["pgrep", "-af", str(self.tmp)], capture_output=True, text=True).stdout.strip()
+
+        deadline = time.monotonic() + 15
+        while leftovers() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not leftovers(), f"orphan processes:\n{leftovers()}"
+
+
+TINY = {"model": {"name": "tiny-bert", "max_length": 32}, "peft": {"method": "full", "global_patterns": ["*"]},
+        "data": {"tasks": ["topic"], "max_train_per_task": 300, "max_test_per_task": 100},
+        "client": {"lr": 0.003, "max_steps": 5}, "rounds": 2}
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_over_tls(tmp_path):
+    deployment = Loopback(tmp_path)
+    try:
+        for i in range(2):
+            deployment.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2")
+        deployment.wait_for_nodes(2)
+        records, stdout = deployment.run(TINY)
+        assert [r["round"] for r in records] == [0, 1, 2]
+        assert all(r["clients_used"] == 2 for r in records[1:])
+        assert "[round 2/2]" in stdout
+    finally:
+        deployment.close()
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_only_registered_supernodes_join_an_authenticated_superlink(tmp_path):
+    """SuperNode authentication (issue 21): the SuperLink runs with --enable-supernode-auth and knows two
+    public keys (``flwr supernode register``). A device with its own data file (README's quoted
+    node-config) and a partition node join and train; an intruder holding a valid ca.crt and a key pair
+    of its own, and one with no key, are refused and never sampled."""
+    import json
+
+    from fedllm.core.embedded_tasks import generate
+
+    deployment = Loopback(tmp_path, supernode_auth=True)
+    try:
+        keys = tmp_path / "keys"
+        subprocess.run([sys.executable, str(REPO / "deploy" / "make_node_keys.py"), str(keys), "3"], check=True,
+                       capture_output=True)
+        for i in (1, 2):
+            registered = deployment.flwr("supernode", "register", str(keys / f"node-{i}.pub"), "edge")
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        names = ["sports", "weather", "food", "technology"]
+        rows = generate("topic", "device", 60, seed=3)
+        (tmp_path / "my_topics.jsonl").write_text("\n".join(json.dumps({"text": t, "label": names[y]}) for t, y in rows))
+        deployment.supernode("device", f'data-path="{tmp_path / "my_topics.jsonl"}" task="topic"',
+                             "--auth-supernode-private-key", str(keys / "node-1"))
+        deployment.supernode("partition", "partition-id=0 num-partitions=1",
+                             "--auth-supernode-private-key", str(keys / "node-2"))
+        deployment.supernode("intruder", "partition-id=0 num-partitions=1",
+                             "--auth-supernode-private-key", str(keys / "node-3"))
+        deployment.supernode("keyless", "partition-id=0 num-partitions=1")
+        deployment.wait_for_nodes(2)
+        for name in ("intruder", "keyless"):  # refused: the SuperNode exits with Flower's auth error code
+            assert deployment.procs[name].wait(timeout=120) != 0
+        assert "must be registered" in (tmp_path / "keyless.log").read_text()
+        records, _ = deployment.run({**TINY, "strategy": {"min_clients": 2}})
+        for record in records[1:]:  # the partition node and the device (known by its node id: it has no partition)
+            assert record["clients_used"] == 2 and record["clients_missing"] == 0, record
+            assert sorted(name[0] for name in record["sampled"]) == ["n", "p"], record["sampled"]
+        assert deployment.logs[0].read_text().count("Activated node_id") == 2
+    finally:
+        deployment.close()
