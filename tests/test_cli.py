@@ -80,3 +80,30 @@ def test_unreadable_yaml_is_one_line(tmp_path):
     broken.write_text("rounds: [1, 2\nstrategy: {name: fedavg")
     message = _run_fails(tmp_path, experiment=broken)
     assert "broken.yaml" in message and "YAML" in message
+
+
+def test_profile_accounts_for_the_rounds_time(tmp_path):
+    """Every round's record splits its time into phases (send, waiting for clients, checks, channel,
+    fusion, merge, evaluation) that together cover the round without exceeding it, and --profile prints
+    them with their share of the run."""
+    import json
+
+    from fedllm.results.writer import read_metrics
+
+    tiny = ["model.name=tiny-bert", "model.max_length=32", "peft.method=full", "peft.global_patterns=['*']",
+            "data.tasks=[topic]", "data.max_train_per_task=200", "data.max_test_per_task=50", "client.max_steps=3",
+            "rounds=2", "channel.kind=awgn", "channel.snr_db=10", f"output.dir={tmp_path}"]
+    result = runner.invoke(app, ["run", str(REPO / "experiments" / "fedavg_lora.yaml"), "--clients", "2", "--profile",
+                                 *[a for o in tiny for a in ("--set", o)]])
+    assert result.exit_code == 0, result.output
+    run_dir = next(tmp_path.glob("*/*/summary.json")).parent
+    for record in read_metrics(run_dir)[1:]:
+        phases = record["phase_times"]
+        assert set(phases) >= {"send", "wait_for_clients", "checks", "channel", "fusion", "merge", "evaluation"}
+        assert all(seconds >= 0 for seconds in phases.values()), phases
+        covered = sum(phases.values())
+        assert 0.8 * record["round_time"] <= covered <= record["round_time"] + 1e-3, (covered, record["round_time"])
+        assert phases["wait_for_clients"] >= record["client_train_time_max"]  # the clients train while it waits
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for phase in ("wait_for_clients", "channel", "fusion", "evaluation", "checkpoint"):
+        assert phase in summary["phase_times"] and phase in result.output

@@ -7,6 +7,7 @@ command with no SuperLink.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import traceback
@@ -54,8 +55,11 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="results folder of an interrupted run of this config",
                                                 exists=True, file_okay=False)] = None,
     all_points: Annotated[bool, typer.Option("--all", help="a YAML with a sweep: block: run every point")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="print where the time went, per phase of the rounds "
+                                                            "(every round's record keeps it under 'phase_times')")] = False,
 ) -> None:
     """Run one experiment YAML in a local simulation with CLIENTS edge clients."""
+    from fedllm.apps.console import profile_table
     from fedllm.apps.simulation import simulate
     from fedllm.config import load_config
     from fedllm.results.sweep import plan
@@ -63,7 +67,10 @@ def run(
     with _reported():
         configs = [p.config for p in plan([experiment], set_ or [])] if all_points else [load_config(experiment, set_ or [])]
         for cfg in configs:
-            simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume, echo=RoundProgress(cfg.rounds))
+            run_dir = simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume,
+                               echo=RoundProgress(cfg.rounds))
+            if profile:
+                typer.echo(profile_table(json.loads((run_dir / "summary.json").read_text())))
 
 
 def _fail(message: str, code: int = 2) -> None:

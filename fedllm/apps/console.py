@@ -39,3 +39,27 @@ def done_line(summary: dict[str, Any], metric: str, run_dir: Any) -> str:
         scores.append(f"personalised {summary[f'personalized_{m}']:.4f} "
                       f"(worst client {summary[f'worst_client_{m}']:.4f})")
     return f"fedllm: done in {summary['wall_time']:.1f}s, {', '.join(scores) or 'no evaluation'}, results in {run_dir}"
+
+
+PHASES = {  # what each phase of a round's record covers, in the order a round runs them
+    "send": "build and push the round's messages",
+    "wait_for_clients": "until the last reply (the clients' training, transfers, start-up)",
+    "slowest_client_training": "of which: the slowest client's own training time",
+    "checks": "check and unpack replies",
+    "channel": "the channel on every payload",
+    "fusion": "the fusion rule (and LoRA products)",
+    "merge": "server optimiser, scale search, post-merge training",
+    "evaluation": "the global model's (and clients') evaluation",
+    "checkpoint": "the server checkpoint",
+}
+
+
+def profile_table(summary: dict[str, Any]) -> str:
+    """Seconds per phase over the run, and each one's share of its wall time (``fedllm run --profile``)."""
+    phases, wall = summary.get("phase_times", {}), summary["wall_time"] or float("nan")
+    lines = [f"{'phase':<26} {'seconds':>9} {'share':>6}  what", "-" * 80]
+    for name, what in PHASES.items():
+        if name in phases:
+            lines.append(f"{name:<26} {phases[name]:>9.2f} {100 * phases[name] / wall:>5.1f}%  {what}")
+    lines.append(f"{'wall time':<26} {wall:>9.2f} {100.0:>5.1f}%  rounds 1..{summary['rounds']} and round 0's evaluation")
+    return "\n".join(lines)

@@ -75,6 +75,8 @@ class Replies:
     arrived: int = 0  # replies from the clients themselves (errors they raised included)
     payloads: int = 0  # replies that carried a payload: what used the uplink
     bytes_up: int = 0  # what those payloads took (clients of lower LoRA rank send less)
+    check_seconds: float = 0.0  # the server's time spent checking and unpacking replies
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the round's steps (record "phase_times")
 
     def take(self, node: int, reply: Message, layout: Layout, stat_layouts: dict[str, Layout]) -> None:
         if reply.has_error() and reply.error.code in GONE:  # the SuperLink answered for a node that is gone
@@ -85,10 +87,12 @@ class Replies:
         if not reply.has_error() and DELTA in reply.content.array_records:
             self.payloads += 1
             self.bytes_up += payload_bytes(reply.content)
+        started = time.perf_counter()
         try:
             self.updates.append(parse_reply(reply, layout, node, stat_layouts))
         except RejectedReply as why:
             self.rejected.append(str(why))
+        self.check_seconds += time.perf_counter() - started
 
 
 class FederatedRun:
@@ -183,10 +187,12 @@ class FederatedRun:
         nodes = wait_for_nodes(self.grid, strategy.min_clients)
         self.identify(nodes)
         sampled = sample_clients(strategy, {n: self.identities[n] for n in nodes}, self.rng)
+        sending = time.monotonic()
         content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0,
                                 self.pipeline.downlink())
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
         self.grid.push_messages(messages)
+        sent = time.monotonic()
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         del messages, content
         out = Replies(sampled)
@@ -199,7 +205,10 @@ class FederatedRun:
             if pending:
                 time.sleep(0.05)
         waited = time.monotonic() - started
+        out.phases = {"send": sent - sending, "wait_for_clients": time.monotonic() - sent - out.check_seconds}
+        checked = time.perf_counter()
         out.updates, outliers = reject_outlier_norms(out.updates, self.pipeline.outlier_ratio)
+        out.check_seconds += time.perf_counter() - checked
         out.rejected += outliers
         for why in out.rejected:
             log.warning("round %d: rejected reply: %s", rnd, why)
@@ -232,13 +241,15 @@ class FederatedRun:
             record["skipped"] = True
         else:
             record.update(self.round_update(rnd, updates))
+        record["phase_times"] = {**replies.phases, "checks": replies.check_seconds,
+                            **{k.removeprefix("seconds_"): record.pop(k) for k in list(record) if k.startswith("seconds_")}}
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             t_eval = time.monotonic()
             if cfg.eval.centralized:
                 record.update(self.evaluate(rnd))
             if cfg.eval.federated:
                 record.update(self.evaluate_federated(rnd))
-            record["eval_time"] = time.monotonic() - t_eval
+            record["eval_time"] = record["phase_times"]["evaluation"] = time.monotonic() - t_eval
         self.totals["bytes_up"] += record["bytes_up"]
         self.totals["bytes_down"] += record["bytes_down"]
         record["round_time"] = time.monotonic() - t0
@@ -253,7 +264,20 @@ class FederatedRun:
                 "total_bytes_up": self.totals["bytes_up"], "total_bytes_down": self.totals["bytes_down"],
                 "bytes_up_per_client_per_round": self.payload_bytes, "wall_time": self.totals["elapsed"],
                 "config_digest": self.cfg.digest(), "server_peak_rss_mb": peak_rss_mb(),
+                "phase_times": self.phase_totals(),
                 **({"stopped_early": self.stopped} if self.stopped else {})}
+
+    def phase_totals(self) -> dict[str, float]:
+        """Where the run's time went, summed over its rounds (``fedllm run --profile`` prints it)."""
+        totals: dict[str, float] = {}
+        for record in self.writer.records:
+            for phase, seconds in record.get("phase_times", {}).items():
+                totals[phase] = totals.get(phase, 0.0) + seconds
+            for phase in ("client_train_time_max",):
+                if phase in record:
+                    totals["slowest_client_training"] = totals.get("slowest_client_training", 0.0) + record[phase]
+        totals["checkpoint"] = self.totals.get("checkpoint_seconds", 0.0)
+        return totals
 
     def run(self) -> Path:
         cfg, m = self.cfg, self.workload.metric
@@ -283,7 +307,10 @@ class FederatedRun:
             self.totals["elapsed"] = record["wall_time"] = time.monotonic() - start
             self.writer.log_round(record)
             self.next_round = rnd + 1
+            started_checkpoint = time.perf_counter()
             save_checkpoint(self.writer.dir, self._state())
+            self.totals["checkpoint_seconds"] = (self.totals.get("checkpoint_seconds", 0.0)
+                                                 + time.perf_counter() - started_checkpoint)
             self.echo(round_line(record, cfg.rounds, m, record["bytes_up_per_client"]))
         summary = self.summary()
         self.writer.finish(self.global_params, summary)

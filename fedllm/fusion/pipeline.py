@@ -14,6 +14,7 @@ model or the data comes through the workload and the :class:`ServerMerge` contex
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,7 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule
     cross the same uplink after the updates, one channel call each. Clients of different LoRA ranks
     send payloads of different sizes: each size crosses the channel as its own batch, and ``pad``
     brings a rank's received rows to the global layout (fedllm/core/lora_ranks.py)."""
+    started = time.perf_counter()
     updates = sorted(updates, key=lambda u: u.client_id)
     weights = torch.tensor([float(u.num_examples) for u in updates])
     meta = ClientMeta(ids=[u.client_id for u in updates], num_examples=weights)
@@ -91,7 +93,10 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule
                       f"the clients' LoRA ranks differ ({sorted({u.rank for u in updates})})"}
     stats = {name: channel.transmit(torch.stack([u.stats[name] for u in updates]), meta)[0]
              for name in sorted(updates[0].stats)}
-    return fuse_received(received, weights, report, rule, to_fusion_space, stats, space)
+    channel_done = time.perf_counter()
+    fused, record = fuse_received(received, weights, report, rule, to_fusion_space, stats, space)
+    return fused, {**record, "seconds_channel": channel_done - started,
+                   "seconds_fusion": time.perf_counter() - channel_done}
 
 
 def transmit_by_rank(updates: list[ClientUpdate], channel: Channel, meta: ClientMeta,
@@ -288,8 +293,9 @@ class FusionPipeline:
                                      self.pad)
         if self.ledger is not None and fused is not None:
             record["dp_epsilon"] = self.ledger.spend()
+        started = time.perf_counter()
         merged, merge_record = self.merge(global_params, fused, seed, server_round)
-        record.update(merge_record)
+        record.update(merge_record, seconds_merge=time.perf_counter() - started)
         if self.cfg.eval.fusion_metrics:  # each task's own model from its clean (pre-channel) task vector
             individual = {int(u.metrics["task"]): self.apply(
                 global_params, self.to_fusion_space(self.pad(u.delta[None], u.rank))[0], 1.0)
