@@ -48,3 +48,20 @@ def test_benchmark_produces_the_four_results(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "Spearman" in table and "Sensitivity" in table and "LoRA B@A" in table
     assert all((tmp_path / f).stat().st_size > 0 for f in ("jammed.png", "wd_vs_mse.png", "sensitivity.png"))
+
+
+@pytest.mark.slow
+def test_realignment_study_runs_every_setting_and_leaves_the_model_as_it_found_it(tmp_path):
+    spec = importlib.util.spec_from_file_location("realign_study", SCRIPT.parent / "realign_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    study.main(["--quick", "--model", "tiny-bert", "--tasks", "topic", "question", "--steps", "5", "--max-test", "40",
+                "--powers", "60", "60", "--shots", "2", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "realign.json").read_text())["rows"]
+    per_power = 1 + 3 + 1  # no realignment, three scopes, layer-wise coefficients
+    assert len(rows) == 3 * per_power
+    # the same jammer twice: the second pass follows the first's whole-model realignment, and must not see it
+    at_60 = [r for r in rows if r["power_db"] == 60.0]
+    assert [r["normalized_accuracy"] for r in at_60[:per_power]] == [r["normalized_accuracy"] for r in at_60[per_power:]]
+    assert len({r["normalized_accuracy"] for r in rows}) > 1  # realignment changes the model
+    assert "| R-MTLLMF | all | 2 |" in (tmp_path / "realign.md").read_text()
