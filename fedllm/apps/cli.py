@@ -55,6 +55,8 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="results folder of an interrupted run of this config",
                                                 exists=True, file_okay=False)] = None,
     all_points: Annotated[bool, typer.Option("--all", help="a YAML with a sweep: block: run every point")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="run the clients on this Ray cluster (HEAD:PORT, or 'auto')")] = None,
+    gpus_per_client: Annotated[float, typer.Option(help="GPUs reserved per client (0.5: two share one)")] = 0.0,
     profile: Annotated[bool, typer.Option("--profile", help="print where the time went, per phase of the rounds "
                                                             "(every round's record keeps it under 'phase_times')")] = False,
 ) -> None:
@@ -68,7 +70,7 @@ def run(
         configs = [p.config for p in plan([experiment], set_ or [])] if all_points else [load_config(experiment, set_ or [])]
         for cfg in configs:
             run_dir = simulate(cfg, cfg.data.num_clients or clients, cpus_per_client, resume,
-                               echo=RoundProgress(cfg.rounds))
+                               echo=RoundProgress(cfg.rounds), ray_address=ray_address, gpus_per_client=gpus_per_client)
             if profile:
                 typer.echo(profile_table(json.loads((run_dir / "summary.json").read_text())))
 

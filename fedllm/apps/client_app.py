@@ -8,6 +8,7 @@ global group plus its metrics.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sized
 from dataclasses import dataclass
@@ -93,6 +94,17 @@ def _restore(bundle: ModelBundle, content: RecordDict, context: Context) -> None
     set_tensors(bundle.model, local.to_torch_state_dict() if local is not None else bundle.initial_local)
 
 
+RAY_NODE = "ray_node"  # which machine of a Ray cluster trained (the first 48 bits of its Ray node id)
+
+
+def ray_node() -> int | None:
+    """The Ray node this client runs on, in a simulation (None elsewhere): shows where a cluster put it."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return int(ray.get_runtime_context().get_node_id()[:12], 16)
+
+
 def _count_rounds(context: Context) -> int:
     """How many rounds this client's state has seen, this one included (kept in context.state)."""
     seen = context.state.config_records.get(ROUNDS_STATE)
@@ -130,6 +142,9 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
         metrics["partition"] = job.partition_id
     if job.rank is not None:
         metrics[RANK_METRIC] = job.rank
+    node = ray_node()
+    if node is not None:
+        metrics[RAY_NODE] = node
     for fault in cfg.client.faults:
         if fault.hits(job.partition_id, job.num_partitions, cfg.seed):
             delta = apply_fault(fault, delta, metrics, seed=ctx.seed)

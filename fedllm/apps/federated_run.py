@@ -58,6 +58,9 @@ def training_record(updates: list[ClientUpdate]) -> dict[str, Any]:
     times = [u.metrics["train_time"] for u in updates if "train_time" in u.metrics]
     if times:  # where a round's time goes: the slowest client bounds it
         record["client_train_time_max"], record["client_train_time_mean"] = max(times), sum(times) / len(times)
+    if len({u.metrics["ray_node"] for u in updates if "ray_node" in u.metrics}) > 1:  # where a Ray cluster ran each
+        record["client_ray_node"] = {u.client_id: f"{int(u.metrics['ray_node']):012x}" for u in updates
+                                     if "ray_node" in u.metrics}
     if any(u.metrics.get("local_norm") for u in updates):  # personal parts: how far each has moved
         record["client_local_norm"] = {u.client_id: u.metrics["local_norm"] for u in updates}
         record["client_local_rounds"] = {u.client_id: int(u.metrics.get("local_rounds", 0)) for u in updates}

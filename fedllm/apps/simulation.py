@@ -17,8 +17,12 @@ from fedllm.core.errors import DataError
 
 
 def simulate(cfg: ExperimentConfig, clients: int, cpus_per_client: float = 1.0, resume: Path | None = None,
-             echo: Callable[[str], None] = print) -> Path:
-    """One run with ``clients`` simulated edge clients; returns its results folder."""
+             echo: Callable[[str], None] = print, ray_address: str | None = None,
+             gpus_per_client: float = 0.0) -> Path:
+    """One run with ``clients`` simulated edge clients; returns its results folder. ``ray_address``: run
+    the clients on an existing Ray cluster (``ray start --head`` on one machine, ``ray start
+    --address=HEAD:PORT`` on the others) instead of a Ray instance of this machine's cores; each client
+    reserves ``cpus_per_client`` cores and ``gpus_per_client`` GPUs (a fraction shares one)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flwr.simulation import run_simulation
 
@@ -38,13 +42,19 @@ def simulate(cfg: ExperimentConfig, clients: int, cpus_per_client: float = 1.0, 
                                               on_error=failed.append),
                    client_app=client_app,
                    num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_client},
-                                   "init_args": {"num_cpus": os.cpu_count() or 1}})
+                   backend_config=backend_config(cpus_per_client, gpus_per_client, ray_address))
     if failed:
         raise failed[0]
     if not out:
         raise RuntimeError("the simulation ended without finishing the run (see the log above)")
     return out[0]
+
+
+def backend_config(cpus_per_client: float, gpus_per_client: float, ray_address: str | None) -> dict:
+    """Flower's Ray backend: client resources, and either this machine's cores or a cluster to join."""
+    resources = {"num_cpus": cpus_per_client, **({"num_gpus": gpus_per_client} if gpus_per_client else {})}
+    init = {"address": ray_address} if ray_address else {"num_cpus": os.cpu_count() or 1}
+    return {"client_resources": resources, "init_args": init}
 
 
 @dataclass
