@@ -86,11 +86,20 @@ class Loopback:
         _wait_for(lambda: self.logs[0].read_text().count("Activated node_id") >= count, 60,
                   f"{count} SuperNodes", self.logs)
 
-    def run(self, experiment: dict) -> tuple[list[dict], str]:
-        """``flwr run`` of ``experiment`` (results under this deployment's folder): records, stdout."""
+    def run_args(self, experiment: dict) -> list[str]:
+        """``flwr run`` of ``experiment`` on this deployment, results under its folder."""
         path = self.tmp / "experiment.yaml"
         path.write_text("# loopback\n" + yaml.safe_dump({**experiment, "output": {"dir": str(self.results)}}))
-        run = self.flwr("run", str(REPO), "edge", "--stream", "--run-config", f"experiment='{path}'", timeout=400)
+        return ["run", str(REPO), "edge", "--stream", "--run-config", f"experiment='{path}'"]
+
+    def records(self) -> list[dict]:
+        """The rounds recorded so far (none before the run's folder exists)."""
+        folders = list(self.results.glob("*/*/metrics.jsonl"))
+        return read_metrics(folders[0].parent) if folders else []
+
+    def run(self, experiment: dict) -> tuple[list[dict], str]:
+        """``flwr run`` of ``experiment`` to its end: records, stdout."""
+        run = self.flwr(*self.run_args(experiment), timeout=400)
         (self.tmp / "flwr-run.log").write_text(run.stdout + run.stderr)
         self.logs.append(self.tmp / "flwr-run.log")
         _wait_for(lambda: any(self.results.glob("*/*/summary.json")), 60, "the run's summary.json", self.logs)
@@ -179,3 +188,42 @@ def test_only_registered_supernodes_join_an_authenticated_superlink(tmp_path):
         assert deployment.logs[0].read_text().count("Activated node_id") == 2
     finally:
         deployment.close()
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_missing_and_joins_again_when_restarted(tmp_path):
+    """Deployment faults (issue 21): of 2 SuperNodes, one is killed (SIGKILL, its ClientApp with it) while
+    it trains round 2. The round ends at strategy.round_timeout with the other, recording the dead node
+    as missing; the node, restarted at once, is asked who it is and trains round 3; the run ends with
+    every round recorded."""
+    deployment = Loopback(tmp_path)
+    node_config = "partition-id={} num-partitions=2"
+    try:
+        for i in range(2):
+            deployment.supernode(f"supernode{i}", node_config.format(i))
+        deployment.wait_for_nodes(2)
+        experiment = {**TINY, "rounds": 3, "strategy": {"min_clients": 1, "round_timeout": 45}}
+        run = subprocess.Popen([str(BIN / "flwr"), *deployment.run_args(experiment)], env=deployment.env,
+                               stdout=(tmp_path / "flwr-run.log").open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True, cwd=tmp_path)
+        deployment.procs["flwr-run"] = run
+        deployment.logs.append(tmp_path / "flwr-run.log")
+        victim = tmp_path / "supernode1.log"
+        _wait_for(lambda: victim.read_text().count("Receiving: train message") >= 2, 240,
+                  "round 2's message at supernode1", deployment.logs)
+        os.killpg(deployment.procs["supernode1"].pid, signal.SIGKILL)
+        deployment.procs["supernode1"].wait(timeout=10)
+        deployment.supernode("supernode1-restarted", node_config.format(1))
+        _wait_for(lambda: any(deployment.results.glob("*/*/summary.json")), 300, "the run's end", deployment.logs)
+        records = deployment.records()
+    finally:
+        deployment.close()
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    first, second, third = records[1:]
+    assert first["clients_used"] == 2 and first["clients_missing"] == 0, first
+    assert second["clients_used"] == 1 and second["clients_missing"] == 1, second
+    assert sorted(second["sampled"]) == ["p0", "p1"] and len(second["missing_nodes"]) == 1, second
+    # the restarted node trained partition 1 again (the dead one may still be listed, then as missing)
+    assert third["clients_used"] == 2 and third["clients_rejected"] == 0, third
+    assert third["sampled"].count("p1") == 1 + third["clients_missing"], third
