@@ -60,7 +60,8 @@ def train_rl(bundle: ModelBundle, examples: list[Instruction], ctx: TrainContext
             max_completion_length=rl.max_new_tokens, temperature=rl.temperature, beta=rl.beta,
             learning_rate=section.lr, weight_decay=section.weight_decay, max_steps=section.max_steps,
             lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
-            use_cpu=not torch.cuda.is_available(), seed=ctx.seed, data_seed=ctx.seed, bf16=False, fp16=False,
+            use_cpu=not torch.cuda.is_available(), seed=ctx.seed, data_seed=ctx.seed,
+            bf16=bundle.precision == "bf16", fp16=bundle.precision == "fp16",  # transformers' own autocast
             top_k=0,
         )
         with warnings.catch_warnings():

@@ -63,9 +63,10 @@ class ExperimentConfig(_Section):
                              ("optimizer", {"name": "none"})):
             if data["strategy"].get(key) == default:
                 data["strategy"].pop(key)
-        for key, default in (("freeze_lora_a", False), ("ranks", None)):  # added later: as before
-            if data["peft"].get(key) == default:
-                data["peft"].pop(key)
+        for section, key, default in (("peft", "freeze_lora_a", False), ("peft", "ranks", None),  # added later
+                                      ("model", "precision", "float32"), ("model", "quantization", "none")):
+            if data[section].get(key) == default:
+                data[section].pop(key)
         # defaults widened for decoder models hash as the defaults they replace did, for the same runs
         if data["peft"]["adapter_targets"] is None:
             data["peft"]["adapter_targets"] = ["output.dense"]

@@ -131,10 +131,23 @@ def heterogeneous_ranks_meet_in_one_space(cfg: "ExperimentConfig") -> None:
                          "in the sent layout, which differs by rank; use one rank or another strategy")
 
 
+def a_quantized_base_stays_frozen(cfg: "ExperimentConfig") -> None:
+    """A 4/8-bit base cannot take a float update: only adapters train, and the server cannot fold
+    fused products into its weights."""
+    if cfg.model.quantization == "none":
+        return
+    if cfg.peft.method != "lora":
+        raise ValueError(f"model.quantization {cfg.model.quantization!r} freezes a k-bit base: peft.method "
+                         f"{cfg.peft.method!r} would train it; use peft.method: lora (QLoRA)")
+    if cfg.peft.fuse_lora_as == "weight_delta":
+        raise ValueError(f"model.quantization {cfg.model.quantization!r}: peft.fuse_lora_as 'weight_delta' folds "
+                         "the fused products into the base weights, which are k-bit; use fuse_lora_as: factors or svd")
+
+
 RULES: list[Callable[["ExperimentConfig"], None]] = [
     rl_goes_with_the_rl_trainer, dp_is_for_averaging, amplification_needs_poisson_sampling, only_local_only_sends_nothing, frozen_layers_where_needed,
     personalisation_keeps_a_local_part, statistics_in_the_fused_space, both_halves_of_an_algorithm, a_summed_uplink_needs_averaging,
-    heterogeneous_ranks_meet_in_one_space,
+    heterogeneous_ranks_meet_in_one_space, a_quantized_base_stays_frozen,
 ]
 
 

@@ -72,6 +72,11 @@ class ModelSection(_Section):
     head: Literal["linear", "label_embedding"] = "linear"
     label_template: str = "{label}"
     temperature: PositiveFloat = 0.05
+    # float32, or mixed precision for forward passes (bf16 runs on CPU and GPU; fp16 needs CUDA);
+    # fedllm/core/accelerator.py. Sent deltas are float32 either way.
+    precision: Literal["float32", "bf16", "fp16"] = "float32"
+    # a k-bit base (QLoRA): 4bit NF4 or 8bit LLM.int8 via bitsandbytes, CUDA only, LoRA only
+    quantization: Literal["none", "4bit", "8bit"] = "none"
 
 
 class PeftSection(_Section):

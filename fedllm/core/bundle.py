@@ -13,11 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedllm.core.accelerator import autocast
 from fedllm.core.vectors import ParameterGroups, Tensors
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -28,6 +25,7 @@ class ModelBundle:
     initial_global: Tensors
     initial_local: Tensors
     device: torch.device
+    precision: str = "float32"  # model.precision: forward passes autocast to it (fedllm/core/accelerator.py)
 
 
 class BundleCache:
@@ -68,5 +66,7 @@ def forward_logits(bundle: ModelBundle, model: torch.nn.Module, texts: list[str]
     texts = [t[: max_length * CHARS_PER_TOKEN_BOUND] for t in texts]
     enc = bundle.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     enc = {k: v.to(bundle.device) for k, v in enc.items()}
-    logits = model(**enc).logits
+    with autocast(bundle.precision, bundle.device):
+        logits = model(**enc).logits
+    logits = logits.float()  # the loss and the label masking stay float32
     return masked_logits(logits, torch.tensor(tasks, device=logits.device), label_ranges)

@@ -10,6 +10,7 @@ so the server and every client build bit-identical starting points.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from transformers import (
@@ -23,7 +24,8 @@ from transformers import (
 from transformers import logging as transformers_logging
 
 from fedllm.config import ExperimentConfig
-from fedllm.core.bundle import BundleCache, ModelBundle, pick_device
+from fedllm.core.accelerator import check_precision, pick_device, prepare_quantized, quantized_loading
+from fedllm.core.bundle import BundleCache, ModelBundle
 from fedllm.core.encoders import embed_texts
 from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
@@ -70,12 +72,16 @@ def _load(name: str, loader, **kwargs) -> torch.nn.Module:
         ) from None
 
 
-def build_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
-    """The pretrained encoder with a fresh (seeded) linear classification head of ``num_labels``."""
+def build_base_model(name: str, num_labels: int, seed: int, **loading: Any) -> torch.nn.Module:
+    """The pretrained encoder with a fresh (seeded) linear classification head of ``num_labels``;
+    ``loading``: extra ``from_pretrained`` arguments (a k-bit quantization config)."""
     torch.manual_seed(seed)
     if name == TINY_BERT:
+        if loading:
+            raise ConfigError("model.quantization: tiny-bert is built from a config, not loaded; use a pretrained "
+                              "model or model.quantization: none")
         return BertForSequenceClassification(tiny_bert_config(load_tokenizer(name).vocab_size, num_labels))
-    model = _load(name, AutoModelForSequenceClassification.from_pretrained, num_labels=num_labels)
+    model = _load(name, AutoModelForSequenceClassification.from_pretrained, num_labels=num_labels, **loading)
     if model.config.pad_token_id is None:  # a decoder classifies from its last non-pad token: it must know pad
         model.config.pad_token_id = load_tokenizer(name).pad_token_id
     return model
@@ -96,10 +102,16 @@ def build_label_embedding_model(cfg: ExperimentConfig, label_names: list[str], s
 
 def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
     device = pick_device()
+    check_precision(cfg.model.precision, device)
+    loading = quantized_loading(cfg.model.quantization, cfg.model.precision)
     if cfg.model.head == "label_embedding":
+        if loading:
+            raise ConfigError("model.quantization: model.head 'label_embedding' embeds label names with the full-"
+                              "precision encoder; use model.head: linear or model.quantization: none")
         base = build_label_embedding_model(cfg, label_names, cfg.seed)
     else:
-        base = build_base_model(cfg.model.name, len(label_names), cfg.seed)
+        base = prepare_quantized(build_base_model(cfg.model.name, len(label_names), cfg.seed, **loading),
+                                 cfg.model.quantization)
     positions = getattr(getattr(base, "config", None), "max_position_embeddings", None) or getattr(
         getattr(getattr(base, "encoder", None), "config", None), "max_position_embeddings", None)
     if positions is not None and cfg.model.max_length > positions:
@@ -107,11 +119,12 @@ def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
                           f"({positions} positions); set model.max_length to at most {positions}")
     model = wrap_peft(base, cfg, cfg.seed)
     groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
-    model.to(device)
+    if not loading:  # a k-bit model is placed by from_pretrained and cannot be moved
+        model.to(device)
     return ModelBundle(
         model=model, tokenizer=load_tokenizer(cfg.model.name), groups=groups,
         initial_global=get_tensors(model, groups.global_names),
-        initial_local=get_tensors(model, groups.local_names), device=device,
+        initial_local=get_tensors(model, groups.local_names), device=device, precision=cfg.model.precision,
     )
 
 

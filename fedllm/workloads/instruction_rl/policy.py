@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from fedllm.config import ExperimentConfig
-from fedllm.core.bundle import BundleCache, ModelBundle, pick_device
+from fedllm.core.accelerator import autocast, check_precision, pick_device, prepare_quantized, quantized_loading
+from fedllm.core.bundle import BundleCache, ModelBundle
 from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
 from fedllm.core.store import cache_root
@@ -118,12 +119,16 @@ def reference_policy(cfg: ExperimentConfig):
     """(model, tokenizer) of the policy every client starts from (also the KL reference)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    loading = quantized_loading(cfg.model.quantization, cfg.model.precision)
     if cfg.model.name == TINY_GPT2:
+        if loading:
+            raise ConfigError(f"model.quantization: {TINY_GPT2} is made here in float32; use a pretrained causal LM "
+                              "(e.g. smollm2-135m) or model.quantization: none")
         model, tokenizer = _tiny_reference(cfg)
     else:
         source = resolve_model(cfg.model.name)  # embedded (smollm2-135m) and .gguf models: a cached folder
         try:
-            model = AutoModelForCausalLM.from_pretrained(source)
+            model = prepare_quantized(AutoModelForCausalLM.from_pretrained(source, **loading), cfg.model.quantization)
             tokenizer = AutoTokenizer.from_pretrained(source)
         except OSError as exc:
             raise ConfigError(f"model.name {cfg.model.name!r}: cannot load a causal LM offline ({exc}); use "
@@ -139,14 +144,17 @@ def reference_policy(cfg: ExperimentConfig):
 
 def build_policy(cfg: ExperimentConfig) -> ModelBundle:
     device = pick_device()
+    check_precision(cfg.model.precision, device)
     base, tokenizer = reference_policy(cfg)
     torch.manual_seed(cfg.seed)
     model = wrap_peft(base, cfg, cfg.seed, causal_lm=True)
     groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
-    model.to(device)
+    if cfg.model.quantization == "none":  # a k-bit model is placed by from_pretrained and cannot be moved
+        model.to(device)
     return ModelBundle(model=model, tokenizer=tokenizer, groups=groups,
                        initial_global=get_tensors(model, groups.global_names),
-                       initial_local=get_tensors(model, groups.local_names), device=device)
+                       initial_local=get_tensors(model, groups.local_names), device=device,
+                       precision=cfg.model.precision)
 
 
 _CACHE = BundleCache()
@@ -171,9 +179,10 @@ def generate(bundle: ModelBundle, prompts: list[str], max_new_tokens: int, sampl
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(bundle.device)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                             temperature=temperature if sample else None, top_k=0 if sample else None,
-                             top_p=1.0 if sample else None)
+        with autocast(bundle.precision, bundle.device):
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                                 temperature=temperature if sample else None, top_k=0 if sample else None,
+                                 top_p=1.0 if sample else None)
         out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [o.strip() for o in out]
 
