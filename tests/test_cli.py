@@ -85,19 +85,22 @@ def test_unreadable_yaml_is_one_line(tmp_path):
 def test_profile_accounts_for_the_rounds_time(tmp_path):
     """Every round's record splits its time into phases (send, waiting for clients, checks, channel,
     fusion, merge, evaluation) that together cover the round without exceeding it, and --profile prints
-    them with their share of the run."""
+    them with their share of the run. With eval.initial false the run starts without scoring round 0."""
     import json
 
     from fedllm.results.writer import read_metrics
 
     tiny = ["model.name=tiny-bert", "model.max_length=32", "peft.method=full", "peft.global_patterns=['*']",
             "data.tasks=[topic]", "data.max_train_per_task=200", "data.max_test_per_task=50", "client.max_steps=3",
-            "rounds=2", "channel.kind=awgn", "channel.snr_db=10", f"output.dir={tmp_path}"]
+            "rounds=2", "channel.kind=awgn", "channel.snr_db=10", "eval.initial=false", f"output.dir={tmp_path}"]
     result = runner.invoke(app, ["run", str(REPO / "experiments" / "fedavg_lora.yaml"), "--clients", "2", "--profile",
                                  *[a for o in tiny for a in ("--set", o)]])
     assert result.exit_code == 0, result.output
     run_dir = next(tmp_path.glob("*/*/summary.json")).parent
-    for record in read_metrics(run_dir)[1:]:
+    records = read_metrics(run_dir)
+    assert "accuracy" not in records[0] and "accuracy" in records[-1]
+    assert "[round 0/2] not evaluated before training" in result.output
+    for record in records[1:]:
         phases = record["phase_times"]
         assert set(phases) >= {"send", "wait_for_clients", "checks", "channel", "fusion", "merge", "evaluation"}
         assert all(seconds >= 0 for seconds in phases.values()), phases

@@ -295,9 +295,10 @@ class FederatedRun:
         self.echo(start_line(cfg.run_name(), cfg.model.name, cfg.peft.method, self.workload.describe(),
                              self.pipeline.layout.numel, self.payload_bytes, self.writer.dir))
         if self.next_round == 1:
-            scores = self.evaluate(0) if cfg.eval.centralized else {}
+            scores = self.evaluate(0) if cfg.eval.centralized and cfg.eval.initial else {}
             self.writer.log_round({"round": 0, **scores, "bytes_up": 0, "bytes_down": 0, "wall_time": 0.0})
-            self.echo(f"[round 0/{cfg.rounds}] {m}={scores.get(m, float('nan')):.4f} (before training)")
+            self.echo(f"[round 0/{cfg.rounds}] " + (f"{m}={scores[m]:.4f} (before training)" if m in scores
+                                                    else "not evaluated before training"))
             save_checkpoint(self.writer.dir, self._state())
         start = time.monotonic() - self.totals["elapsed"]
         for rnd in range(self.next_round, cfg.rounds + 1):
