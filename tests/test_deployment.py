@@ -7,6 +7,7 @@ Every process is started in its own session and its whole group is killed at the
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,12 +60,17 @@ class Loopback:
         self.results = tmp_path / "results"
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: list[Path] = []
-        self.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs / "ca.crt"),
-                                 "--ssl-certfile", str(self.certs / "server.pem"),
-                                 "--ssl-keyfile", str(self.certs / "server.key"), "--host", "127.0.0.1",
-                                 "--port", str(self.port), "--database", str(tmp_path / "state.db"),
-                                 *(["--enable-supernode-auth"] if supernode_auth else [])])
-        _wait_for(lambda: "Uvicorn running on https" in self.logs[0].read_text(), 60, "the SuperLink", self.logs)
+        self.superlink_cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                              "--ssl-certfile", str(self.certs / "server.pem"),
+                              "--ssl-keyfile", str(self.certs / "server.key"), "--host", "127.0.0.1",
+                              "--port", str(self.port), "--database", str(tmp_path / "state.db"),
+                              *(["--enable-supernode-auth"] if supernode_auth else [])]
+        self.start_superlink("superlink")
+
+    def start_superlink(self, name: str) -> None:
+        self.start(name, self.superlink_cmd)
+        log = self.logs[-1]
+        _wait_for(lambda: "Uvicorn running on https" in log.read_text(), 60, f"the SuperLink ({name})", self.logs)
 
     def start(self, name: str, cmd: list[str]) -> None:
         log = self.tmp / f"{name}.log"
@@ -86,11 +92,13 @@ class Loopback:
         _wait_for(lambda: self.logs[0].read_text().count("Activated node_id") >= count, 60,
                   f"{count} SuperNodes", self.logs)
 
-    def run_args(self, experiment: dict) -> list[str]:
-        """``flwr run`` of ``experiment`` on this deployment, results under its folder."""
+    def run_args(self, experiment: dict, resume: Path | None = None) -> list[str]:
+        """``flwr run`` of ``experiment`` on this deployment, results under its folder (or continuing
+        the interrupted run in ``resume``)."""
         path = self.tmp / "experiment.yaml"
         path.write_text("# loopback\n" + yaml.safe_dump({**experiment, "output": {"dir": str(self.results)}}))
-        return ["run", str(REPO), "edge", "--stream", "--run-config", f"experiment='{path}'"]
+        run_config = f"experiment='{path}'" + (f" resume='{resume}'" if resume else "")
+        return ["run", str(REPO), "edge", "--stream", "--run-config", run_config]
 
     def records(self) -> list[dict]:
         """The rounds recorded so far (none before the run's folder exists)."""
@@ -227,3 +235,50 @@ def test_a_supernode_killed_mid_round_is_missing_and_joins_again_when_restarted(
     # the restarted node trained partition 1 again (the dead one may still be listed, then as missing)
     assert third["clients_used"] == 2 and third["clients_rejected"] == 0, third
     assert third["sampled"].count("p1") == 1 + third["clients_missing"], third
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_a_run_whose_superlink_dies_resumes_from_its_last_checkpoint(tmp_path):
+    """Deployment faults (issue 21): the SuperLink is killed (SIGKILL, its ServerApp with it) after round 1
+    of 3. The user's ``flwr run --stream`` ends with a non-zero status; the results folder has no summary
+    (unfinished) and a checkpoint of the last round. The SuperLink restarted on the same database, the
+    SuperNodes reconnect by themselves, and README's resume command finishes the run: every round
+    recorded once, in order."""
+    deployment = Loopback(tmp_path)
+    try:
+        for i in range(2):
+            deployment.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2")
+        deployment.wait_for_nodes(2)
+        experiment = {**TINY, "rounds": 3, "strategy": {"min_clients": 2, "round_timeout": 120}}
+        first = subprocess.Popen([str(BIN / "flwr"), *deployment.run_args(experiment)], env=deployment.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                 cwd=tmp_path)
+
+        def rounds_done() -> int:
+            try:
+                return len(deployment.records()) - 1
+            except ValueError:  # a line being written
+                return 0
+
+        _wait_for(lambda: rounds_done() >= 1, 300, "round 1 of the first run", deployment.logs)
+        os.killpg(deployment.procs["superlink"].pid, signal.SIGKILL)
+        deployment.procs["superlink"].wait(timeout=10)
+        output, _ = first.communicate(timeout=120)
+        assert first.returncode != 0 and "Connection to the SuperLink is unavailable" in output, output[-3000:]
+        run_dir = next(deployment.results.glob("*/*/metrics.jsonl")).parent
+        assert not (run_dir / "summary.json").exists() and (run_dir / "checkpoint.pt").exists()
+        interrupted_after = rounds_done()
+
+        deployment.start_superlink("superlink-restarted")  # the ServerApp waits for min_clients nodes to return
+        resumed = deployment.flwr(*deployment.run_args(experiment, resume=run_dir), timeout=400)
+        (tmp_path / "flwr-resume.log").write_text(resumed.stdout + resumed.stderr)
+        _wait_for(lambda: (run_dir / "summary.json").exists(), 120, "the resumed run's summary", deployment.logs)
+        records = deployment.records()
+    finally:
+        deployment.close()
+    # the last checkpoint is the last recorded round (or the one before, if the kill fell between the two)
+    match = re.search(rf"resuming {re.escape(str(run_dir))} after round (\d+)", resumed.stdout)
+    assert match and int(match.group(1)) in (interrupted_after, interrupted_after - 1), resumed.stdout[-3000:]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert all(r["clients_used"] == 2 for r in records[1:]), records
