@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedllm.core.accelerator import autocast
-from fedllm.core.vectors import ParameterGroups, Tensors
+from fedllm.core.vectors import ParameterGroups, Tensors, get_tensors, split_groups
 
 
 @dataclass
@@ -26,6 +26,18 @@ class ModelBundle:
     initial_local: Tensors
     device: torch.device
     precision: str = "float32"  # model.precision: forward passes autocast to it (fedllm/core/accelerator.py)
+
+
+def assemble_bundle(model: torch.nn.Module, tokenizer: object, global_patterns: list[str], local_patterns: list[str],
+                    device: torch.device, precision: str, placed: bool = False) -> ModelBundle:
+    """A PEFT-wrapped model as a bundle: its parameter groups, the model on ``device`` (unless ``placed``:
+    a k-bit model is placed by ``from_pretrained`` and cannot be moved) and its initial groups."""
+    groups = split_groups(model, global_patterns, local_patterns)
+    if not placed:
+        model.to(device)
+    return ModelBundle(model=model, tokenizer=tokenizer, groups=groups,
+                       initial_global=get_tensors(model, groups.global_names),
+                       initial_local=get_tensors(model, groups.local_names), device=device, precision=precision)
 
 
 class BundleCache:

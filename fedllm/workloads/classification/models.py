@@ -25,12 +25,11 @@ from transformers import logging as transformers_logging
 
 from fedllm.config import ExperimentConfig
 from fedllm.core.accelerator import check_precision, pick_device, prepare_quantized, quantized_loading
-from fedllm.core.bundle import BundleCache, ModelBundle
+from fedllm.core.bundle import BundleCache, ModelBundle, assemble_bundle
 from fedllm.core.encoders import embed_texts
 from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
 from fedllm.core.store import embedded_model_dir
-from fedllm.core.vectors import get_tensors, split_groups
 from fedllm.workloads.classification.heads import LabelEmbeddingClassifier
 from fedllm.workloads.peft import wrap_peft
 
@@ -117,15 +116,8 @@ def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
     if positions is not None and cfg.model.max_length > positions:
         raise ConfigError(f"model.max_length {cfg.model.max_length} is longer than {cfg.model.name!r} can read "
                           f"({positions} positions); set model.max_length to at most {positions}")
-    model = wrap_peft(base, cfg, cfg.seed)
-    groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
-    if not loading:  # a k-bit model is placed by from_pretrained and cannot be moved
-        model.to(device)
-    return ModelBundle(
-        model=model, tokenizer=load_tokenizer(cfg.model.name), groups=groups,
-        initial_global=get_tensors(model, groups.global_names),
-        initial_local=get_tensors(model, groups.local_names), device=device, precision=cfg.model.precision,
-    )
+    return assemble_bundle(wrap_peft(base, cfg, cfg.seed), load_tokenizer(cfg.model.name), cfg.peft.global_patterns,
+                           cfg.peft.local_patterns, device, cfg.model.precision, placed=bool(loading))
 
 
 _CACHE = BundleCache()

@@ -23,12 +23,11 @@ import torch
 
 from fedllm.config import ExperimentConfig
 from fedllm.core.accelerator import autocast, check_precision, pick_device, prepare_quantized, quantized_loading
-from fedllm.core.bundle import BundleCache, ModelBundle
+from fedllm.core.bundle import BundleCache, ModelBundle, assemble_bundle
 from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
 from fedllm.core.store import cache_root
 from fedllm.core.types import Instruction
-from fedllm.core.vectors import get_tensors, split_groups
 from fedllm.workloads.instruction_rl.instructions import embedded_instructions, embedded_vocabulary, load_instructions
 from fedllm.workloads.peft import wrap_peft
 
@@ -147,14 +146,9 @@ def build_policy(cfg: ExperimentConfig) -> ModelBundle:
     check_precision(cfg.model.precision, device)
     base, tokenizer = reference_policy(cfg)
     torch.manual_seed(cfg.seed)
-    model = wrap_peft(base, cfg, cfg.seed, causal_lm=True)
-    groups = split_groups(model, cfg.peft.global_patterns, cfg.peft.local_patterns)
-    if cfg.model.quantization == "none":  # a k-bit model is placed by from_pretrained and cannot be moved
-        model.to(device)
-    return ModelBundle(model=model, tokenizer=tokenizer, groups=groups,
-                       initial_global=get_tensors(model, groups.global_names),
-                       initial_local=get_tensors(model, groups.local_names), device=device,
-                       precision=cfg.model.precision)
+    return assemble_bundle(wrap_peft(base, cfg, cfg.seed, causal_lm=True), tokenizer, cfg.peft.global_patterns,
+                           cfg.peft.local_patterns, device, cfg.model.precision,
+                           placed=cfg.model.quantization != "none")
 
 
 _CACHE = BundleCache()
