@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedllm.apps.fingerprint import code_fingerprint, code_location
-from fedllm.apps.payload import CONFIG, DOWN, GLOBAL, METRICS, NUM_EXAMPLES, reply_content
+from fedllm.apps.payload import CONFIG, DOWN, GLOBAL, METRICS, NUM_EXAMPLES, RAY_NODE, reply_content
 from fedllm.clients import TRAINERS, client_seed
 from fedllm.config import ConfigError, ExperimentConfig, config_from_json
 from fedllm.core.bundle import ModelBundle
@@ -92,9 +92,6 @@ def _restore(bundle: ModelBundle, content: RecordDict, context: Context) -> None
     set_tensors(bundle.model, truncate_to(content.array_records[GLOBAL].to_torch_state_dict(), shapes))
     local = context.state.array_records.get(LOCAL_STATE)
     set_tensors(bundle.model, local.to_torch_state_dict() if local is not None else bundle.initial_local)
-
-
-RAY_NODE = "ray_node"  # which machine of a Ray cluster trained (the first 48 bits of its Ray node id)
 
 
 def ray_node() -> int | None:

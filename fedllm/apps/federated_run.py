@@ -21,8 +21,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedllm.apps.console import done_line, round_line, start_line
-from fedllm.apps.payload import (DELTA, METRICS, RejectedReply, parse_reply, payload_bytes, reject_outlier_norms,
-                                 round_content)
+from fedllm.apps.payload import (DELTA, METRICS, RAY_NODE, RejectedReply, parse_reply, payload_bytes,
+                                 reject_outlier_norms, round_content)
 from fedllm.apps.sampling import sample_clients
 from fedllm.config import ConfigError, ExperimentConfig
 from fedllm.core.types import ClientUpdate
@@ -58,9 +58,9 @@ def training_record(updates: list[ClientUpdate]) -> dict[str, Any]:
     times = [u.metrics["train_time"] for u in updates if "train_time" in u.metrics]
     if times:  # where a round's time goes: the slowest client bounds it
         record["client_train_time_max"], record["client_train_time_mean"] = max(times), sum(times) / len(times)
-    if len({u.metrics["ray_node"] for u in updates if "ray_node" in u.metrics}) > 1:  # where a Ray cluster ran each
-        record["client_ray_node"] = {u.client_id: f"{int(u.metrics['ray_node']):012x}" for u in updates
-                                     if "ray_node" in u.metrics}
+    if len({u.metrics[RAY_NODE] for u in updates if RAY_NODE in u.metrics}) > 1:  # where a Ray cluster ran each
+        record["client_ray_node"] = {u.client_id: f"{int(u.metrics[RAY_NODE]):012x}" for u in updates
+                                     if RAY_NODE in u.metrics}
     if any(u.metrics.get("local_norm") for u in updates):  # personal parts: how far each has moved
         record["client_local_norm"] = {u.client_id: u.metrics["local_norm"] for u in updates}
         record["client_local_rounds"] = {u.client_id: int(u.metrics.get("local_rounds", 0)) for u in updates}
@@ -276,9 +276,9 @@ class FederatedRun:
         for record in self.writer.records:
             for phase, seconds in record.get("phase_times", {}).items():
                 totals[phase] = totals.get(phase, 0.0) + seconds
-            for phase in ("client_train_time_max",):
-                if phase in record:
-                    totals["slowest_client_training"] = totals.get("slowest_client_training", 0.0) + record[phase]
+            if "client_train_time_max" in record:
+                totals["slowest_client_training"] = (totals.get("slowest_client_training", 0.0)
+                                                     + record["client_train_time_max"])
         totals["checkpoint"] = self.totals.get("checkpoint_seconds", 0.0)
         return totals
 

@@ -24,6 +24,7 @@ CONFIG = "config"
 DELTA = "delta"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
+RAY_NODE = "ray_node"  # which machine of a Ray cluster trained (the first 48 bits of its Ray node id)
 
 
 DOWN = "down."  # + a name: what the server sends besides the global group (e.g. a control variate)
@@ -86,7 +87,7 @@ def parse_reply(msg: Message, layout: Layout, node: int | None = None,
     if DELTA not in content.array_records or METRICS not in content.metric_records:
         raise RejectedReply(f"client {node}: reply lacks '{DELTA}' or '{METRICS}' records")
     metrics = dict(content.metric_records[METRICS])
-    rank = client_rank(metrics, layout, node)
+    rank = reported_rank(metrics, layout, node)
     flat = _checked_flat(content.array_records[DELTA], layout if rank is None else rank_layout(layout, rank),
                          node, "parameter")
     stats = {}
@@ -106,7 +107,7 @@ def global_rank(layout: Layout) -> int | None:
     return max(ranks) if ranks else None
 
 
-def client_rank(metrics: dict, layout: Layout, node: int) -> int | None:
+def reported_rank(metrics: dict, layout: Layout, node: int) -> int | None:
     """The LoRA rank a client says it trained at, when below the global one (its payload is smaller)."""
     if RANK_METRIC not in metrics:
         return None
