@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,32 @@ def _wait_for(predicate, timeout: float, what: str, logs: list[Path]) -> None:
         time.sleep(1)
     tails = "\n".join(f"== {p.name}\n{p.read_text()[-1500:]}" for p in logs if p.exists())
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
+
+
+def stop_sessions(procs: Iterable[subprocess.Popen], pattern: str, grace: float = 20, settle: float = 15) -> str:
+    """SIGTERM each process's session (started with ``start_new_session``: its whole group), SIGKILL what
+    outlives ``grace`` seconds, then give processes whose command line matches ``pattern`` (``pgrep -f``)
+    ``settle`` seconds to go; returns those still there."""
+    procs = list(procs)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def leftovers() -> str:
+        return subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout.strip()
+
+    deadline = time.monotonic() + settle
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(1)
+    return leftovers()
 
 
 class Loopback:
@@ -114,25 +141,9 @@ class Loopback:
         return read_metrics(next(self.results.glob("*/*/summary.json")).parent), run.stdout
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-        def leftovers() -> str:  # processes still naming this test's folder (children watch their parent's pid)
-            return subprocess.run(["pgrep", "-af", str(self.tmp)], capture_output=True, text=True).stdout.strip()
-
-        deadline = time.monotonic() + 15
-        while leftovers() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert not leftovers(), f"orphan processes:\n{leftovers()}"
+        # processes still naming this test's folder are orphans (children watch their parent's pid)
+        left = stop_sessions(self.procs.values(), str(self.tmp))
+        assert not left, f"orphan processes:\n{left}"
 
 
 TINY = {"model": {"name": "tiny-bert", "max_length": 32}, "peft": {"method": "full", "global_patterns": ["*"]},

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_deployment import _free_port, _wait_for
+from tests.test_deployment import _free_port, _wait_for, stop_sessions
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -53,25 +51,7 @@ def test_clients_run_on_both_nodes_of_a_ray_cluster_and_nothing_is_left_behind()
         nodes = {node for r in records[1:] for node in r.get("client_ray_node", {}).values()}
         assert len(nodes) == 2, records  # one CPU per node, four clients: both nodes trained
         assert all(r["clients_used"] == 4 for r in records[1:])
-    finally:
-        for proc in procs:  # ray start --block stops its node's processes when it is told to stop
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-        def leftovers() -> str:
-            return subprocess.run(["pgrep", "-af", f"{root}|127.0.0.1:{port}"], capture_output=True,
-                                  text=True).stdout.strip()
-
-        deadline = time.monotonic() + 30
-        while leftovers() and time.monotonic() < deadline:
-            time.sleep(1)
-        left = leftovers()
+    finally:  # ray start --block stops its node's processes when it is told to stop
+        left = stop_sessions(procs, f"{root}|127.0.0.1:{port}", grace=30, settle=30)
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"orphan processes:\n{left}"
