@@ -116,3 +116,55 @@ def test_the_sample_depends_on_partitions_not_on_node_ids():
     poisson = load_config(None, "strategy.fraction_train=0.5 strategy.sampling=poisson").strategy
     draws = [sample_clients(poisson, first, random.Random(s)) for s in range(200)]
     assert 1.6 < sum(map(len, draws)) / 200 < 2.4 and {len(d) for d in draws} >= {0, 1, 2, 3}  # Binomial(4, 0.5)
+
+
+class _Grid:
+    """The SuperLink as the ServerApp sees it after a restart: it lists node ids, some of whose
+    SuperNodes have not reconnected (they answer nothing) or are gone (the SuperLink answers an error)."""
+
+    def __init__(self, partitions: dict[int, int | None], silent: set[int], gone: set[int]):
+        self.partitions, self.silent, self.gone, self.asked = partitions, silent, gone, []
+
+    def get_node_ids(self):
+        return set(self.partitions)
+
+    def send_and_receive(self, messages, timeout=None):
+        from types import SimpleNamespace
+
+        from flwr.app import MetricRecord
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.asked.append(node)
+            if node in self.silent:
+                continue
+            part = self.partitions[node]
+            facts = {} if part is None else {"partition": part, "partitions": 4}
+            replies.append(SimpleNamespace(
+                has_error=lambda node=node: node in self.gone, metadata=SimpleNamespace(src_node_id=node),
+                content=SimpleNamespace(metric_records={METRICS: MetricRecord(facts)})))
+        return replies
+
+
+def test_a_node_that_does_not_say_who_it_is_is_not_sampled_and_is_asked_again(tmp_path, monkeypatch):
+    """A listed node that does not answer the identity query (a SuperNode not yet reconnected after a
+    SuperLink restart), or for which the SuperLink answers that it is gone, is neither sampled under
+    its node id nor remembered as a device: it is asked again, and once it answers it is its partition."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedllm.apps.federated_run import FederatedRun
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp process has
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    cfg = load_config(None, [*TINY_OVERRIDES, "strategy.min_clients=2", f"output.dir={tmp_path}"])
+    grid = _Grid({11: 0, 12: 1, 13: 2, 14: None}, silent={12}, gone={13})
+    run = FederatedRun(grid, cfg, echo=lambda line: None)
+    assert run.available_nodes(timeout=0) == [11, 14]
+    assert run.identities == {11: "p0", 14: "n14"}  # 14 answered without a partition: a device
+    assert run.declared_partitions == 4
+    grid.silent, grid.gone, grid.asked = set(), set(), []
+    assert run.available_nodes(timeout=0) == [11, 12, 13, 14]
+    assert sorted(grid.asked) == [12, 13]  # only the unknown ones are asked again
+    assert run.identities == {11: "p0", 12: "p1", 13: "p2", 14: "n14"}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -34,15 +35,6 @@ from fedllm.workloads import workload_for
 log = logging.getLogger("fedllm")
 # error replies the SuperLink makes for a node that is gone (not errors raised by a client)
 GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
-
-
-def wait_for_nodes(grid: Grid, needed: int, timeout: float = 120.0) -> list[int]:
-    start = time.monotonic()
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= needed or time.monotonic() - start > timeout:
-            return nodes
-        time.sleep(0.5)
 
 
 def peak_rss_mb() -> float:
@@ -80,6 +72,14 @@ class Replies:
     bytes_up: int = 0  # what those payloads took (clients of lower LoRA rank send less)
     check_seconds: float = 0.0  # the server's time spent checking and unpacking replies
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the round's steps (record "phase_times")
+    # The payloads, written as they arrive into the rows of one (sampled x values) tensor, in client-id
+    # order (fusion's order): no reply is held twice, and fusion takes the rows without stacking them.
+    # Pages of rows no reply reaches are never touched. Payloads of a lower LoRA rank are kept apart.
+    stack: torch.Tensor | None = None
+    row_order: list[int] | None = None  # the sampled nodes in the order of their rows (default: as sampled)
+
+    def __post_init__(self) -> None:
+        self.row_of = {node: i for i, node in enumerate(self.row_order or self.sampled)}
 
     def take(self, node: int, reply: Message, layout: Layout, stat_layouts: dict[str, Layout]) -> None:
         if reply.has_error() and reply.error.code in GONE:  # the SuperLink answered for a node that is gone
@@ -91,11 +91,30 @@ class Replies:
             self.payloads += 1
             self.bytes_up += payload_bytes(reply.content)
         started = time.perf_counter()
+        row = self.stack[self.row_of[node]] if self.stack is not None else None
         try:
-            self.updates.append(parse_reply(reply, layout, node, stat_layouts))
+            self.updates.append(parse_reply(reply, layout, node, stat_layouts, out=row))
         except RejectedReply as why:
             self.rejected.append(str(why))
         self.check_seconds += time.perf_counter() - started
+
+    def compact(self) -> None:
+        """Move the used rows to the top of the stack, in client-id order, so that fusion takes them as
+        one view (fedllm/core/vectors.py ``stack_rows``); rows of rejected or missing clients go."""
+        if self.stack is None:
+            return
+        memory = self.stack.untyped_storage().data_ptr()
+        in_stack = sorted((u for u in self.updates if u.delta.untyped_storage().data_ptr() == memory),
+                          key=lambda u: u.client_id)
+        rows = [self.row_of[u.node_id] for u in in_stack]
+        if rows == sorted(rows):  # rows only move up: none is overwritten before it is read
+            for top, row in enumerate(rows):
+                if row != top:
+                    self.stack[top].copy_(self.stack[row])
+        else:  # a client named otherwise than it said it was: gather through a copy
+            self.stack[:len(rows)] = self.stack[torch.tensor(rows, dtype=torch.long)]
+        for top, update in enumerate(in_stack):
+            update.delta = self.stack[top]
 
 
 class FederatedRun:
@@ -168,18 +187,36 @@ class FederatedRun:
         return self.workload.summarize_clients(per_client)
 
     def identify(self, nodes: list[int]) -> None:
-        """Ask nodes not seen before who they are (their data partition), once (fedllm/apps/sampling.py)."""
+        """Ask nodes not known yet who they are (their data partition; fedllm/apps/sampling.py). A node
+        that does not answer, or whose SuperLink answers for it that it is gone, stays unknown: it is
+        asked again next time instead of being sampled under its node id (after a SuperLink restart
+        the database still lists nodes whose SuperNode has not reconnected yet)."""
         unknown = [n for n in nodes if n not in self.identities]
         if not unknown:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout):
+            if reply.has_error():
+                continue
             node = reply.metadata.src_node_id
-            facts = {} if reply.has_error() else dict(reply.content.metric_records.get(METRICS, {}))
+            facts = dict(reply.content.metric_records.get(METRICS, {}))
             self.identities[node] = f"p{int(facts['partition'])}" if "partition" in facts else f"n{node}"
             self.declared_partitions = max(self.declared_partitions, int(facts.get("partitions", 0)))
-        for node in unknown:  # no answer: known by its node id
-            self.identities.setdefault(node, f"n{node}")
+        silent = [n for n in unknown if n not in self.identities]
+        if silent:
+            log.warning("nodes %s did not say who they are; left out until they do", silent)
+
+    def available_nodes(self, timeout: float = 120.0) -> list[int]:
+        """The connected nodes that have said who they are, once ``strategy.min_clients`` of them are
+        (or ``timeout`` seconds have passed: the round then goes ahead with fewer, and is skipped)."""
+        start = time.monotonic()
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            self.identify(nodes)
+            known = [n for n in nodes if n in self.identities]
+            if len(known) >= self.cfg.strategy.min_clients or time.monotonic() - start > timeout:
+                return known
+            time.sleep(0.5)
 
     def collect(self, rnd: int) -> Replies:
         """Sample clients, send the global group, and sort every sampled client into exactly one of
@@ -187,9 +224,7 @@ class FederatedRun:
         (no reply within ``strategy.round_timeout``, or the SuperLink reports the node gone). Replies
         are pulled as they arrive and kept only as flat deltas."""
         strategy = self.cfg.strategy
-        nodes = wait_for_nodes(self.grid, strategy.min_clients)
-        self.identify(nodes)
-        sampled = sample_clients(strategy, {n: self.identities[n] for n in nodes}, self.rng)
+        sampled = sample_clients(strategy, {n: self.identities[n] for n in self.available_nodes()}, self.rng)
         sending = time.monotonic()
         content = round_content(self.global_params, self.config_json, rnd, self.cfg.data.num_clients or 0,
                                 self.pipeline.downlink())
@@ -198,7 +233,8 @@ class FederatedRun:
         sent = time.monotonic()
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         del messages, content
-        out = Replies(sampled)
+        out = Replies(sampled, stack=torch.empty(len(sampled), self.pipeline.layout.numel),
+                      row_order=sorted(sampled, key=lambda n: self.identities[n]))  # fusion's order
         pending, started = set(node_of), time.monotonic()
         while pending and time.monotonic() - started < (strategy.round_timeout or float("inf")):
             for reply in self.grid.pull_messages(list(pending)):
@@ -211,6 +247,7 @@ class FederatedRun:
         out.phases = {"send": sent - sending, "wait_for_clients": time.monotonic() - sent - out.check_seconds}
         checked = time.perf_counter()
         out.updates, outliers = reject_outlier_norms(out.updates, self.pipeline.outlier_ratio)
+        out.compact()
         out.check_seconds += time.perf_counter() - checked
         out.rejected += outliers
         for why in out.rejected:
@@ -287,7 +324,7 @@ class FederatedRun:
         # who is who, asked once before anything is written (its cost is the clients' start-up, not a
         # round's); under flwr run the nodes say how many partitions the data is split into, which
         # must fit the data before training starts and before a results folder exists
-        self.identify(wait_for_nodes(self.grid, cfg.strategy.min_clients))
+        self.available_nodes()
         if not cfg.data.num_clients and self.declared_partitions:
             self.workload.check_data(self.declared_partitions)
         if self.writer is None:
