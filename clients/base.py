@@ -18,6 +18,7 @@ class LocalTraining(Protocol):
     """What every trainer reads of the experiment's ``client:`` section."""
 
     lr: float
+    optimizer: str
     weight_decay: float
     local_epochs: int
     batch_size: int

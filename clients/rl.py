@@ -23,6 +23,8 @@ from fedllm.core.types import Instruction
 from .base import TRAINERS, TrainContext, TrainResult
 from .rewards import build_rewards, mix, score_all
 
+TRAINER_OPTIM = {"adamw": "adamw_torch", "sgd": "sgd"}  # client.optimizer as transformers' Trainer names it
+
 
 def mixed_reward_fn(rewards: dict, weights: dict[str, float]):
     """A TRL reward function: the client's mix of batch-normalised rewards."""
@@ -58,7 +60,7 @@ def train_rl(bundle: ModelBundle, examples: list[Instruction], ctx: TrainContext
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=section.batch_size, num_generations=rl.num_generations,
             max_completion_length=rl.max_new_tokens, temperature=rl.temperature, beta=rl.beta,
-            learning_rate=section.lr, weight_decay=section.weight_decay, max_steps=section.max_steps,
+            learning_rate=section.lr, weight_decay=section.weight_decay, optim=TRAINER_OPTIM[section.optimizer], max_steps=section.max_steps,
             lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(), seed=ctx.seed, data_seed=ctx.seed,
             bf16=bundle.precision == "bf16", fp16=bundle.precision == "fp16",  # transformers' own autocast

@@ -15,7 +15,7 @@ from fedllm.core.bundle import ModelBundle
 from fedllm.core.types import Examples
 
 from .base import TRAINERS, TrainContext, TrainResult
-from .supervised import supervised_steps
+from .supervised import local_optimizer, supervised_steps
 
 CONTROL = "control"
 
@@ -41,9 +41,7 @@ def train_scaffold(bundle: ModelBundle, examples: Examples, ctx: TrainContext) -
             if params[n].grad is not None:
                 params[n].grad.add_(correction[n])
 
-    trainable = [p for p in bundle.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=ctx.section.lr, weight_decay=ctx.section.weight_decay)
-    result = supervised_steps(bundle, examples, ctx, optimizer, correct)
+    result = supervised_steps(bundle, examples, ctx, local_optimizer(bundle, ctx.section), correct)
     y = {n: params[n].detach().cpu() for n in names}
     new_c_i = control_update(c_i, c, x, y, result.steps, ctx.section.lr)
     result.statistics[CONTROL] = {n: new_c_i[n] - c_i[n] for n in names}
@@ -52,3 +50,4 @@ def train_scaffold(bundle: ModelBundle, examples: Examples, ctx: TrainContext) -
 
 
 train_scaffold.needs_rule = "scaffold"  # the server half (fedllm/strategies/scaffold.py)
+train_scaffold.needs_optimizer = "sgd"  # the control-variate update (x - y) / (K lr) is SGD's

@@ -1,4 +1,4 @@
-"""Supervised PEFT fine-tuning: local epochs of AdamW on the client's labelled examples.
+"""Supervised PEFT fine-tuning: local epochs of AdamW (or SGD) on the client's labelled examples.
 
 The loop (:func:`supervised_steps`) takes the optimiser and a hook run between backward and step, so
 a trainer that corrects gradients (SCAFFOLD, fedllm/clients/scaffold.py) reuses it."""
@@ -14,14 +14,21 @@ import torch.nn.functional as F
 from fedllm.core.bundle import ModelBundle, forward_logits
 from fedllm.core.types import Examples
 
-from .base import TRAINERS, TrainContext, TrainResult, proximal_term
+from .base import TRAINERS, LocalTraining, TrainContext, TrainResult, proximal_term
+
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def local_optimizer(bundle: ModelBundle, section: LocalTraining) -> torch.optim.Optimizer:
+    """``client.optimizer`` over the trainable parameters, with ``client.lr`` and ``client.weight_decay``."""
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    return OPTIMIZERS[section.optimizer](params, lr=section.lr, weight_decay=section.weight_decay)
 
 
 @TRAINERS.register("supervised")
 def train_supervised(bundle: ModelBundle, examples: Examples, ctx: TrainContext) -> TrainResult:
-    params = [p for p in bundle.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=ctx.section.lr, weight_decay=ctx.section.weight_decay)
-    return supervised_steps(bundle, examples, ctx, optimizer)
+    return supervised_steps(bundle, examples, ctx, local_optimizer(bundle, ctx.section))
 
 
 def supervised_steps(bundle: ModelBundle, examples: Examples, ctx: TrainContext, optimizer: torch.optim.Optimizer,

@@ -64,7 +64,7 @@ def test_control_variates_cross_both_ways_and_persist(tiny_overrides, tmp_path):
     from fedllm.workloads import workload_for
 
     cfg = load_config(None, [*tiny_overrides, "rounds=2", "client.max_steps=4", "client.lr=0.05",
-                             "strategy.name=scaffold", "client.trainer=scaffold", "channel.kind=awgn",
+                             "strategy.name=scaffold", "client.trainer=scaffold", "client.optimizer=sgd", "channel.kind=awgn",
                              "channel.snr_db=30"])
     run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
@@ -77,3 +77,36 @@ def test_control_variates_cross_both_ways_and_persist(tiny_overrides, tmp_path):
     control = load_checkpoint(run_dir)["rule_state"]["control"]
     assert control is not None and control.shape == (sent,) and float(control.norm()) > 0
     assert records[2]["accuracy"] > records[0]["accuracy"]
+
+
+def test_scaffold_corrects_sgd_steps_and_says_so():
+    from fedllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="client.trainer scaffold corrects sgd steps: set client.optimizer: sgd"):
+        load_config(None, ["strategy.name=scaffold", "client.trainer=scaffold"])
+    assert load_config(None, ["strategy.name=scaffold", "client.trainer=scaffold", "client.optimizer=sgd"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_client_optimizer_sgd_takes_plain_gradient_steps(optimizer):
+    """client.optimizer=sgd moves every trained tensor by exactly -lr x its gradient (FedAvg's local
+    step); AdamW's normalised step does not (so the option is not ignored)."""
+    from fedllm.clients import TrainContext
+    from fedllm.clients.supervised import local_optimizer, supervised_steps
+    from fedllm.workloads.classification.data import client_examples, load_suite
+    from fedllm.workloads.classification.models import build_bundle
+    from tests.conftest import TINY_OVERRIDES
+
+    cfg = load_config(None, [*TINY_OVERRIDES, f"client.optimizer={optimizer}", "client.lr=0.1", "client.max_steps=1"])
+    suite = load_suite(cfg.data, cfg.seed)
+    bundle = build_bundle(cfg, suite.label_names)
+    params = {n: p for n, p in bundle.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    grads = {}
+    ctx = TrainContext(section=cfg.client, label_ranges=suite.label_ranges, max_length=32, seed=0)
+    supervised_steps(bundle, client_examples(cfg.data, 0, 1, cfg.seed), ctx, local_optimizer(bundle, cfg.client),
+                     lambda: grads.update({n: p.grad.clone() for n, p in params.items() if p.grad is not None}))
+    moved = [n for n in grads if float(grads[n].abs().max()) > 0]
+    assert len(moved) > 10
+    sgd_like = all(torch.allclose(params[n].detach() - before[n], -0.1 * grads[n], atol=1e-6) for n in moved)
+    assert sgd_like == (optimizer == "sgd")

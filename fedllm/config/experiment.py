@@ -65,7 +65,7 @@ class ExperimentConfig(_Section):
                 data["strategy"].pop(key)
         for section, key, default in (("peft", "freeze_lora_a", False), ("peft", "ranks", None),  # added later
                                       ("model", "precision", "float32"), ("model", "quantization", "none"),
-                                      ("eval", "initial", True)):
+                                      ("eval", "initial", True), ("client", "optimizer", "adamw")):
             if data[section].get(key) == default:
                 data[section].pop(key)
         # defaults widened for decoder models hash as the defaults they replace did, for the same runs

@@ -88,6 +88,10 @@ def both_halves_of_an_algorithm(cfg: "ExperimentConfig") -> None:
         name = wanted or needed
         raise ValueError(f"{name} has a server half and a client half: strategy.name {name} and client.trainer "
                          f"{name} go together")
+    optimizer = getattr(cfg.client.registry().get(cfg.client.trainer), "needs_optimizer", None)
+    if optimizer and cfg.client.optimizer != optimizer:
+        raise ValueError(f"client.trainer {cfg.client.trainer} corrects {optimizer} steps: set client.optimizer: "
+                         f"{optimizer} (it is {cfg.client.optimizer})")
     if wanted and cfg.peft.fuse_lora_as != "factors":
         raise ValueError(f"{wanted}'s control variates live in the sent tensors: use peft.fuse_lora_as: factors")
 

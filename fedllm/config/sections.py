@@ -191,6 +191,9 @@ class ClientSection(NamedSection):
     section = "client"
     trainer: str = "supervised"
     lr: PositiveFloat = 5e-4
+    # The local optimiser: AdamW (what LoRA fine-tuning uses), or plain SGD (textbook FedAvg, and the
+    # step SCAFFOLD's correction and control-variate update assume).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
     local_epochs: PositiveInt = 1
     batch_size: PositiveInt = 16
