@@ -56,3 +56,16 @@ def test_split_groups_global_local_and_orphans():
         split_groups(model, ["adapter"], [])
     with pytest.raises(ValueError, match="select no trainable tensor"):
         split_groups(model, ["body"], ["adapter", "head"])
+
+
+def test_stack_rows_takes_consecutive_rows_of_one_tensor_as_a_view_and_copies_otherwise():
+    from fedllm.core.vectors import stack_rows
+
+    base = torch.arange(20.0).reshape(5, 4)
+    view = stack_rows([base[1], base[2], base[3]])
+    assert torch.equal(view, base[1:4]) and view.data_ptr() == base[1].data_ptr()
+    for rows in ([base[3], base[1]], [base[0], base[2]], [base[0], torch.zeros(4)], [base[0, :2], base[1, :2]]):
+        stacked = stack_rows(rows)
+        assert torch.equal(stacked, torch.stack(rows))
+        stacked.add_(1)  # a copy: the rows are untouched
+        assert torch.equal(base, torch.arange(20.0).reshape(5, 4))

@@ -53,7 +53,8 @@ def reply_content(delta: dict[str, torch.Tensor], metrics: dict[str, float | int
     return content
 
 
-def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str) -> torch.Tensor:
+def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     names = list(arrays.keys())
     if set(names) != set(layout.names):
         missing = sorted(set(layout.names) - set(names))[:3]
@@ -64,7 +65,8 @@ def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str) -> 
         if tuple(tensors[name].shape) != shape:
             raise RejectedReply(f"client {node}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
                                 + ("" if what == "parameter" else f" (in its {what})"))
-    flat = flatten(tensors, layout)
+    flat = flatten(tensors, layout, out=out if out is not None and out.numel() == layout.numel else None)
+    del tensors
     if not torch.isfinite(flat).all():
         raise RejectedReply(f"client {node}: {'delta' if what == 'parameter' else what} has "
                             f"{int((~torch.isfinite(flat)).sum())} NaN/Inf values")
@@ -76,9 +78,10 @@ class RejectedReply(ValueError):
 
 
 def parse_reply(msg: Message, layout: Layout, node: int | None = None,
-                stat_layouts: dict[str, Layout] | None = None) -> ClientUpdate:
+                stat_layouts: dict[str, Layout] | None = None, out: torch.Tensor | None = None) -> ClientUpdate:
     """Turn a client reply into a flat delta, or raise :class:`RejectedReply` saying why (``node``: the
-    node the message was sent to; by default the reply's sender)."""
+    node the message was sent to; by default the reply's sender). ``out``: where to write the delta
+    (a row of the round's reply stack) when it has the full layout."""
     node = msg.metadata.src_node_id if node is None else node
     if msg.has_error():  # the reason may carry a whole remote traceback: its last line says what happened
         lines = [line.strip() for line in str(msg.error.reason).strip().splitlines() if line.strip()]
@@ -89,7 +92,7 @@ def parse_reply(msg: Message, layout: Layout, node: int | None = None,
     metrics = dict(content.metric_records[METRICS])
     rank = reported_rank(metrics, layout, node)
     flat = _checked_flat(content.array_records[DELTA], layout if rank is None else rank_layout(layout, rank),
-                         node, "parameter")
+                         node, "parameter", out)
     stats = {}
     for name, stat_layout in (stat_layouts or {}).items():
         if STAT + name not in content.array_records:

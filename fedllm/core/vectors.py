@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,12 +101,28 @@ class Layout:
         return sum(self.sizes)
 
 
-def flatten(tensors: Mapping[str, torch.Tensor], layout: Layout | None = None) -> torch.Tensor:
-    """Concatenate tensors (in ``layout`` order) into one float32 vector."""
+def flatten(tensors: Mapping[str, torch.Tensor], layout: Layout | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate tensors (in ``layout`` order) into one float32 vector (into ``out`` when given: a
+    row of the server's reply stack, so a payload is not held twice)."""
     layout = layout or Layout.of(tensors)
     if not layout.names:
-        return torch.zeros(0)
-    return torch.cat([tensors[n].detach().reshape(-1).to(torch.float32) for n in layout.names])
+        return torch.zeros(0) if out is None else out
+    return torch.cat([tensors[n].detach().reshape(-1).to(torch.float32) for n in layout.names], out=out)
+
+
+def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``, without the copy when the rows already lie one after another in one
+    block of memory (the server writes replies into such a stack as they arrive): then a view of
+    that block. The result may share memory with ``rows``: read it, do not write it."""
+    first = rows[0]
+    width = first.numel()
+    if first.dim() == 1 and first.is_contiguous() and all(
+            r.dim() == 1 and r.is_contiguous() and r.numel() == width and r.dtype == first.dtype
+            and r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and r.storage_offset() == first.storage_offset() + i * width for i, r in enumerate(rows)):
+        return first.as_strided((len(rows), width), (width, 1))
+    return torch.stack(list(rows))
 
 
 def unflatten(flat: torch.Tensor, layout: Layout) -> Tensors:

@@ -28,7 +28,7 @@ from fedllm.core.errors import ConfigError
 from fedllm.core.lora_ranks import pad_rows, rank_layout
 from fedllm.core.modules import sent_linear_layers
 from fedllm.core.types import ClientUpdate
-from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, unflatten
+from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, stack_rows, unflatten
 from fedllm.fusion.lora_products import LoraProducts, SvdProducts
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
 from fedllm.strategies import FusionRule, FusionSpace, InsufficientUpdates, build_rule
@@ -59,9 +59,10 @@ def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: Channel
         fused = received[0]
     elif keep.any():
         rows = to_fusion_space(received) if to_fusion_space is not None else received
+        kept = (lambda t: t) if keep.all() else (lambda t: t[keep])  # a full mask would copy every row
         try:
-            kept_stats = {name: rows_[keep] for name, rows_ in (stats or {}).items()}
-            fused = rule(rows[keep], weights[keep], kept_stats, space)
+            kept_stats = {name: kept(rows_) for name, rows_ in (stats or {}).items()}
+            fused = rule(kept(rows), kept(weights), kept_stats, space)
         except InsufficientUpdates as why:  # the round keeps the model, and says why
             record["fusion_skipped"] = str(why)
             return None, record
@@ -107,7 +108,7 @@ def transmit_by_rank(updates: list[ClientUpdate], channel: Channel, meta: Client
     met payloads of different sizes."""
     ranks = [u.rank for u in updates]
     if len(set(ranks)) == 1 or pad is None:
-        return channel.transmit(torch.stack([u.delta for u in updates]), meta)
+        return channel.transmit(stack_rows([u.delta for u in updates]), meta)
     rows: list[torch.Tensor | None] = [None] * len(updates)
     reports, order = [], []
     for rank in sorted(set(ranks), key=ranks.index):
