@@ -41,7 +41,8 @@ from fedllm.clients import TRAINERS, TrainContext  # noqa: E402
 
 from fedllm.config import config_from_dict  # noqa: E402
 from fedllm.core.vectors import Layout, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
-from fedllm.fusion.pipeline import FusionPipeline, apply_update, statistic_layouts  # noqa: E402
+from fedllm.fusion.pipeline import FusionPipeline, apply_update  # noqa: E402
+from fedllm.strategies import statistic_layouts  # noqa: E402
 from fedllm.workloads.classification import Classification  # noqa: E402
 from fedllm.workloads.classification.metrics import fusion_scores, individual_predictions, predict, task_scores  # noqa: E402
 
@@ -138,7 +139,7 @@ class Fusion:
         pipeline = FusionPipeline(cfg, workload, bundle)
         self.stat_rows = {}  # statistic -> (tasks x values), each task's in its own layout
         for name in sorted(next(iter(stats.values())) if stats else {}):
-            layout = statistic_layouts({name: {}}, bundle, pipeline.layout)[name]
+            layout = statistic_layouts([name], bundle, pipeline.layout)[name]
             self.stat_rows[name] = torch.stack([flatten(stats[t][name], layout) for t in sorted(stats)])
         self.timings: dict[str, list[float]] = {}  # method -> server seconds per merge
         self.sent_layout, self.layout = pipeline.layout, pipeline.fusion_layout

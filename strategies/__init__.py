@@ -7,6 +7,8 @@ any channel. Installed as ``fedllm.strategies``; it imports nothing of fedllm bu
 
 # Each import registers its rules by name.
 from . import adamerging, fedavg, krum, merging, model_merging, robust, scaffold  # noqa: F401,E402
-from .base import FUSION_RULES, FusionRule, FusionSpace, InsufficientUpdates, MergeContext, build_rule, validate_rule_params
+from .base import (FUSION_RULES, STATISTIC_LAYOUTS, FusionRule, FusionSpace, InsufficientUpdates, MergeContext, build_rule,
+                   statistic_layouts, validate_rule_params)
 
-__all__ = ["FUSION_RULES", "FusionRule", "FusionSpace", "InsufficientUpdates", "MergeContext", "build_rule", "validate_rule_params"]
+__all__ = ["FUSION_RULES", "STATISTIC_LAYOUTS", "FusionRule", "FusionSpace", "InsufficientUpdates", "MergeContext", "build_rule", "statistic_layouts",
+           "validate_rule_params"]

@@ -10,7 +10,7 @@ with it without knowing rule names.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -122,6 +122,22 @@ class FusionRule:
         """Change the merged global parameters after the fused update is applied (default: keep them);
         returns them and what to record for the round."""
         return merged, {}
+
+
+# What each per-client statistic is shaped like, by name: (bundle, sent layout) -> its layout. The module
+# of the rule that asks for a statistic declares it, so a new statistic is one registration there; the
+# server checks replies against these layouts and stacks the statistics in them.
+STATISTIC_LAYOUTS: Registry[Callable[["ModelBundle", Layout], Layout]] = Registry("client statistic")
+
+
+def per_sent_value(bundle: "ModelBundle", sent: Layout) -> Layout:
+    """One value per sent value (a diagonal Fisher, a control variate)."""
+    return sent
+
+
+def statistic_layouts(names: Iterable[str], bundle: "ModelBundle", sent: Layout) -> dict[str, Layout]:
+    """The layouts of the named statistics, for a model whose sent tensors are ``sent``."""
+    return {name: STATISTIC_LAYOUTS.get(name)(bundle, sent) for name in names}
 
 
 def check_inputs(deltas: torch.Tensor, weights: torch.Tensor) -> None:

@@ -21,14 +21,18 @@ On task vectors tau_t = theta_t - theta0 each of these is the same merge as on t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field, PositiveInt
 
-from fedllm.core.vectors import unflatten
+from fedllm.core.modules import sent_linear_layers
+from fedllm.core.vectors import Layout, unflatten
 
-from .base import FUSION_RULES, FusionRule, FusionSpace, RuleParams
+from .base import FUSION_RULES, STATISTIC_LAYOUTS, FusionRule, FusionSpace, RuleParams, per_sent_value
+
+if TYPE_CHECKING:
+    from fedllm.core.bundle import ModelBundle
 
 
 class WeightedAverageParams(RuleParams):
@@ -78,6 +82,16 @@ class FisherParams(RuleParams):
     examples: PositiveInt = Field(64, description="examples each client estimates its Fisher on")
     normalize: bool = True
     min_weight: float = Field(1e-6, gt=0.0)
+
+
+STATISTIC_LAYOUTS.register("fisher")(per_sent_value)
+
+
+@STATISTIC_LAYOUTS.register("gram")
+def input_gram_layout(bundle: "ModelBundle", sent: Layout) -> Layout:
+    """One (inputs x inputs) matrix per sent linear layer."""
+    layers = sent_linear_layers(bundle.model, bundle.groups.global_names)
+    return Layout(tuple(layers), tuple((m.in_features, m.in_features) for m in layers.values()))
 
 
 @FUSION_RULES.register("fisher")

@@ -14,9 +14,10 @@ import torch
 
 from fedllm.core.vectors import Tensors, unflatten
 
-from .base import FUSION_RULES, FusionRule, FusionSpace, weighted_mean
+from .base import FUSION_RULES, STATISTIC_LAYOUTS, FusionRule, FusionSpace, per_sent_value, weighted_mean
 
 CONTROL = "control"
+STATISTIC_LAYOUTS.register(CONTROL)(per_sent_value)
 
 
 @FUSION_RULES.register("scaffold")

@@ -211,3 +211,13 @@ def test_adamerging_runs_as_a_servers_fusion_rule(tiny_overrides):
     assert record["adamerging_entropy_after"] <= record["adamerging_entropy_before"] + 1e-6
     with pytest.raises(ConfigError, match="RL instruction tuning has no labelled tasks"):
         load_config(None, ["model.name=tiny-gpt2", "client.trainer=rl", "rl={}", "strategy.name=adamerging"])
+
+
+def test_every_statistic_a_rule_asks_for_is_declared_and_an_undeclared_one_is_named():
+    from fedllm.strategies import FUSION_RULES, STATISTIC_LAYOUTS, build_rule, statistic_layouts
+
+    asked = {name for rule in FUSION_RULES.names() if rule != "weighted_average"
+             for name in build_rule(rule, {}).client_statistics()}
+    assert asked == {"fisher", "gram", "control"} and asked <= set(STATISTIC_LAYOUTS.names())
+    with pytest.raises(ValueError, match="unknown client statistic 'hessian'; allowed: control, fisher, gram"):
+        statistic_layouts(["hessian"], None, None)

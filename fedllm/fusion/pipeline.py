@@ -24,14 +24,12 @@ import torch
 from fedllm.channels import Channel, ChannelReport, ClientMeta, build_channel
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle
-from fedllm.core.errors import ConfigError
 from fedllm.core.lora_ranks import pad_rows, rank_layout
-from fedllm.core.modules import sent_linear_layers
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, stack_rows, unflatten
 from fedllm.fusion.lora_products import LoraProducts, SvdProducts
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
-from fedllm.strategies import FusionRule, FusionSpace, InsufficientUpdates, build_rule
+from fedllm.strategies import FusionRule, FusionSpace, InsufficientUpdates, build_rule, statistic_layouts
 from fedllm.strategies.optimizers import build_optimizer
 from fedllm.workloads import Workload
 
@@ -123,21 +121,6 @@ def transmit_by_rank(updates: list[ClientUpdate], channel: Channel, meta: Client
         reports.append(rep)
         order += idx
     return torch.stack(rows), ChannelReport.concat(reports, order)
-
-
-def statistic_layouts(requested: dict[str, Any], bundle: ModelBundle, sent: Layout) -> dict[str, Layout]:
-    """The tensors of each per-client statistic a rule asks for: a Fisher has the update's own layout;
-    Gram matrices are (inputs x inputs), one per sent linear layer (fedllm/core/modules.py)."""
-    layouts = {}
-    for name in requested:
-        if name in ("fisher", "control"):  # one value per sent value
-            layouts[name] = sent
-        elif name == "gram":
-            layers = sent_linear_layers(bundle.model, bundle.groups.global_names)
-            layouts[name] = Layout(tuple(layers), tuple((m.in_features, m.in_features) for m in layers.values()))
-        else:
-            raise ConfigError(f"no layout for the client statistic {name!r}")
-    return layouts
 
 
 @dataclass

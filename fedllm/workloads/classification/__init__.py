@@ -147,17 +147,15 @@ class Classification(Workload):
         """``fisher``: the diagonal empirical Fisher of the sent tensors, mean over examples of the squared
         gradient of log p(y | x); ``gram``: X^T X of the inputs of every sent linear layer, over all
         tokens, divided by the number of examples (as FusionBench's RegMean)."""
-        out: dict[str, Tensors] = {}
-        if "fisher" in requested:
-            out["fisher"] = empirical_fisher(bundle, data, self.suite, self.cfg.model.max_length, sent,
-                                             int(requested["fisher"]["examples"]))
-        if "gram" in requested:
-            out["gram"] = input_grams(bundle, data, self.suite, self.cfg.model.max_length, sent,
-                                      int(requested["gram"]["examples"]), self.cfg.eval.batch_size)
-        unknown = sorted(set(requested) - {"fisher", "gram"})
+        computes = {
+            "fisher": lambda settings: empirical_fisher(bundle, data, self.suite, self.cfg.model.max_length, sent,
+                                                        int(settings["examples"])),
+            "gram": lambda settings: input_grams(bundle, data, self.suite, self.cfg.model.max_length, sent,
+                                                 int(settings["examples"]), self.cfg.eval.batch_size)}
+        unknown = sorted(set(requested) - set(computes))
         if unknown:
             raise ConfigError(f"the classification workload cannot compute the client statistics {unknown}")
-        return out
+        return {name: computes[name](settings) for name, settings in requested.items()}
 
     def data_metrics(self, data: Examples) -> dict[str, float]:
         own_tasks = set(data.tasks)
