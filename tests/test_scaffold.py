@@ -110,3 +110,35 @@ def test_client_optimizer_sgd_takes_plain_gradient_steps(optimizer):
     assert len(moved) > 10
     sgd_like = all(torch.allclose(params[n].detach() - before[n], -0.1 * grads[n], atol=1e-6) for n in moved)
     assert sgd_like == (optimizer == "sgd")
+
+
+def test_the_scaffold_trainer_takes_corrected_sgd_steps_and_returns_its_mean_gradient():
+    """One local step from x: plain SGD gives y0 = x - lr g; SCAFFOLD's trainer, with server control c
+    and its own c_i, gives y = x - lr (g - c_i + c) on the same batch, so y - y0 = -lr (c - c_i) on the
+    sent tensors, and its new control variate is g = (x - y0) / lr, sent as g - c_i (option II)."""
+    from fedllm.clients import TRAINERS, TrainContext
+    from fedllm.workloads.classification.data import client_examples, load_suite
+    from fedllm.workloads.classification.models import build_bundle
+    from tests.conftest import TINY_OVERRIDES
+
+    cfg = load_config(None, [*TINY_OVERRIDES, "client.optimizer=sgd", "client.lr=0.1", "client.max_steps=1",
+                             "strategy.name=scaffold", "client.trainer=scaffold"])
+    suite = load_suite(cfg.data, cfg.seed)
+    examples = client_examples(cfg.data, 0, 2, cfg.seed)
+    moved = {}
+    for trainer in ("supervised", "scaffold"):
+        bundle = build_bundle(cfg, suite.label_names)
+        names = list(bundle.groups.global_names)
+        x = {n: t.detach().clone() for n, t in bundle.model.named_parameters() if n in names}
+        g = torch.Generator().manual_seed(1)
+        c = {n: 0.01 * torch.randn(t.shape, generator=g) for n, t in x.items()}
+        c_i = {n: 0.01 * torch.randn(t.shape, generator=g) for n, t in x.items()}
+        ctx = TrainContext(section=cfg.client, label_ranges=suite.label_ranges, max_length=32, seed=3,
+                           incoming={"control": c}, kept={"control": c_i})
+        result = TRAINERS.get(trainer)(bundle, examples, ctx)
+        moved[trainer] = {n: t.detach().clone() for n, t in bundle.model.named_parameters() if n in names}
+    for n in x:
+        assert torch.allclose(moved["scaffold"][n] - moved["supervised"][n], -0.1 * (c[n] - c_i[n]), atol=1e-6), n
+        gradient = (x[n] - moved["supervised"][n]) / 0.1
+        assert torch.allclose(result.keep["control"][n], gradient, atol=1e-4), n
+        assert torch.allclose(result.statistics["control"][n], gradient - c_i[n], atol=1e-4), n
