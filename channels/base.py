@@ -94,7 +94,9 @@ class Channel(ABC):
     def transmit(
         self, batch: torch.Tensor, meta: ClientMeta
     ) -> tuple[torch.Tensor, ChannelReport]:
-        """Send a (clients x d) batch; return what the server receives and a report."""
+        """Send a (clients x d) batch; return what the server receives and a report. Neither side
+        writes into the other: a channel never changes ``batch`` (it may be the server's reply stack)
+        and may return it as it is (the ideal channel does: a full copy of every payload spared)."""
 
 
 CHANNELS: Registry[type[Channel]] = Registry("channel")

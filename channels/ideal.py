@@ -18,4 +18,4 @@ class IdealChannel(Channel):
             bits=torch.full((n,), float(d * 32)),
             dropped=torch.zeros(n, dtype=torch.bool),
         )
-        return batch.clone(), report
+        return batch, report  # read-only on both sides (Channel.transmit): no copy
