@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedllm.core.registry import Registry, validate_params
+from fedllm.core.vectors import all_finite
 
 
 class ChannelParams(BaseModel):
@@ -115,7 +116,7 @@ def check_batch(batch: torch.Tensor) -> None:
         raise ValueError(f"channel input must be (clients x d), got shape {tuple(batch.shape)}")
     if not torch.is_floating_point(batch):
         raise ValueError(f"channel input must be floating point, got {batch.dtype}")
-    if not torch.isfinite(batch).all():
+    if not all_finite(batch):
         raise ValueError("channel input contains NaN/Inf; reject such payloads before transmission")
 
 

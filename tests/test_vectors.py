@@ -69,3 +69,15 @@ def test_stack_rows_takes_consecutive_rows_of_one_tensor_as_a_view_and_copies_ot
         assert torch.equal(stacked, torch.stack(rows))
         stacked.add_(1)  # a copy: the rows are untouched
         assert torch.equal(base, torch.arange(20.0).reshape(5, 4))
+
+
+def test_all_finite_checks_every_block_including_the_last_partial_one():
+    from fedllm.core.vectors import all_finite
+
+    values = torch.zeros(3, 1001)
+    assert all_finite(values, block=64)
+    for where in [(0, 0), (1, 500), (2, 1000)]:  # first block, a middle one, the last (partial) one
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            broken = values.clone()
+            broken[where] = bad
+            assert not all_finite(broken, block=64), (where, bad)

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedllm.apps.fingerprint import code_fingerprint, code_location
 from fedllm.core.lora_ranks import RANK_METRIC, rank_axis, rank_layout
 from fedllm.core.types import ClientUpdate
-from fedllm.core.vectors import Layout, flatten
+from fedllm.core.vectors import Layout, all_finite, flatten
 
 GLOBAL = "global"
 CONFIG = "config"
@@ -67,7 +67,7 @@ def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str,
                                 + ("" if what == "parameter" else f" (in its {what})"))
     flat = flatten(tensors, layout, out=out if out is not None and out.numel() == layout.numel else None)
     del tensors
-    if not torch.isfinite(flat).all():
+    if not all_finite(flat):
         raise RejectedReply(f"client {node}: {'delta' if what == 'parameter' else what} has "
                             f"{int((~torch.isfinite(flat)).sum())} NaN/Inf values")
     return flat
