@@ -4,6 +4,7 @@ the clients trained, not the clients registered.
 
     python benchmarks/scaling.py [--sizes 4 16 64 128] [--rounds 4] [--trained 8] [--out results/benchmarks/scaling.json]
     python benchmarks/scaling.py --sizes 4 16 64 --trained 0   # everyone trains: memory grows with N
+    python benchmarks/scaling.py --sizes 4 16 64 --trained 0 --set strategy.name=median --set channel.kind=awgn
 
 Each N runs in a fresh process: tiny-bert (full fine-tuning) on the embedded topic task, every
 trained client takes exactly 10 steps (``local_epochs`` high, ``max_steps`` 10) whatever its
@@ -25,14 +26,15 @@ TINY = ["model.name=tiny-bert", "model.max_length=32", "peft.method=full", "peft
         "client.max_steps=10", "client.local_epochs=50", "client.batch_size=16", "eval.every=1000"]
 
 
-def measure(sizes: list[int], rounds: int, trained: int = 8) -> dict:
-    """``trained`` clients per round (0: all of them, to show memory growing with N x payload)."""
+def measure(sizes: list[int], rounds: int, trained: int = 8, extra: list[str] | None = None) -> dict:
+    """``trained`` clients per round (0: all of them, to show memory growing with N x payload);
+    ``extra``: overrides of every run (another rule or channel)."""
     rows = []
     for n in sizes:
         k = trained or n
         run = fedllm_run("experiments/fedavg_lora.yaml",
                          [*TINY, f"rounds={rounds}", f"strategy.fraction_train={min(1.0, k / n)}",
-                          f"strategy.min_clients={min(k, n)}"], clients=n)
+                          f"strategy.min_clients={min(k, n)}", *(extra or [])], clients=n)
         times = [r["round_time"] for r in run["records"][2:-1]] or [r["round_time"] for r in run["records"][1:]]
         used = run["records"][-1]["clients_used"]
         rows.append({"clients": n, "trained_per_round": used, "round_time_median": statistics.median(times),
@@ -43,7 +45,7 @@ def measure(sizes: list[int], rounds: int, trained: int = 8) -> dict:
     base = rows[0]["round_time_median"]
     for r in rows:
         r["round_time_ratio"] = r["round_time_median"] / base
-    return {"rounds": rounds, "trained": trained, "rows": rows}
+    return {"rounds": rounds, "trained": trained, "overrides": extra or [], "rows": rows}
 
 
 def markdown(result: dict) -> str:
@@ -61,9 +63,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64, 128])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--trained", type=int, default=8, help="clients trained per round; 0: all")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. strategy.name=median")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/scaling.json"))
     args = parser.parse_args()
-    result = measure(args.sizes, args.rounds, args.trained)
+    result = measure(args.sizes, args.rounds, args.trained, args.overrides)
     save_and_print(result, args.out, markdown(result))
 
 
