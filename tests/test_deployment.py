@@ -115,8 +115,8 @@ class Loopback:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout, cwd=self.tmp)
 
-    def wait_for_nodes(self, count: int) -> None:
-        _wait_for(lambda: self.logs[0].read_text().count("Activated node_id") >= count, 60,
+    def wait_for_nodes(self, count: int, timeout: float = 60) -> None:
+        _wait_for(lambda: self.logs[0].read_text().count("Activated node_id") >= count, timeout,
                   f"{count} SuperNodes", self.logs)
 
     def run_args(self, experiment: dict, resume: Path | None = None) -> list[str]:
@@ -153,18 +153,27 @@ TINY = {"model": {"name": "tiny-bert", "max_length": 32}, "peft": {"method": "fu
 
 @pytest.mark.deployment
 @pytest.mark.slow
-def test_superlink_and_two_supernodes_over_tls(tmp_path):
+def test_sixteen_supernodes_over_tls_for_three_rounds_lose_nothing(tmp_path):
+    """16 SuperNodes on one machine (issue 21), TLS on, 3 rounds: every round samples all 16 by their
+    partitions, and each sampled node is used, rejected or missing, never unaccounted for."""
+    nodes = 16
     deployment = Loopback(tmp_path)
     try:
-        for i in range(2):
-            deployment.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2")
-        deployment.wait_for_nodes(2)
-        records, stdout = deployment.run(TINY)
-        assert [r["round"] for r in records] == [0, 1, 2]
-        assert all(r["clients_used"] == 2 for r in records[1:])
-        assert "[round 2/2]" in stdout
+        for i in range(nodes):
+            deployment.supernode(f"supernode{i}", f"partition-id={i} num-partitions={nodes}")
+        deployment.wait_for_nodes(nodes, timeout=240)  # 16 processes importing Flower on 2 cores
+        experiment = {**TINY, "rounds": 3, "data": {**TINY["data"], "max_train_per_task": 640},
+                      "strategy": {"min_clients": nodes}}
+        records, stdout = deployment.run(experiment)
     finally:
         deployment.close()
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    for record in records[1:]:
+        assert sorted(record["sampled"]) == sorted(f"p{i}" for i in range(nodes)), record["sampled"]
+        accounted = record["clients_used"] + record["clients_rejected"] + record["clients_missing"]
+        assert accounted == record["clients_sampled"] == nodes, record
+        assert record["clients_used"] == nodes, record  # nothing failed on loopback: everyone is used
+    assert "[round 3/3]" in stdout
 
 
 @pytest.mark.deployment
