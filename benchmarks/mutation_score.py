@@ -10,6 +10,7 @@ to a copy of the checkout (``git archive HEAD``), never to it. Not a test: CI do
     python benchmarks/mutation_score.py                      # 150 mutants, seed 0
     python benchmarks/mutation_score.py --sample 0           # every mutant
     python benchmarks/mutation_score.py --modules strategies/krum.py --sample 0
+    python benchmarks/mutation_score.py --retry results/benchmarks/mutation/results.json  # survivors again
 
 Writes results.json (every mutant's outcome and diff) and survivors.md (each surviving mutant's
 diff, to judge by hand: equivalent, or a test to add) under --out.
@@ -33,16 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 PYTEST = "python -m pytest -q -x -m 'not slow' -p no:cacheprovider"
 # the jammer's optimality searches take minutes: they guard mimo_mac alone
 SLOW_JAMMER = "-k 'not worse_jammer and not rate_not_single and not solvers_optimality'"
-STRATEGY_TESTS = ("tests/test_aggregation.py tests/test_fusion_rules.py tests/test_krum.py tests/test_model_merging.py "
-                  "tests/test_server_optimizers.py tests/test_scaffold.py")
+STRATEGY_TESTS = ("tests/test_readme_defaults.py tests/test_aggregation.py tests/test_fusion_rules.py tests/test_krum.py "
+                  "tests/test_model_merging.py tests/test_server_optimizers.py tests/test_scaffold.py")
 # module -> the tests that guard it
 TARGETS = {
     **{f"strategies/{m}.py": STRATEGY_TESTS for m in ("base", "fedavg", "robust", "krum", "merging", "model_merging",
                                                        "optimizers", "scaffold", "adamerging")},
-    **{f"channels/{m}.py": f"tests/test_channels.py {SLOW_JAMMER}" for m in ("base", "ideal", "awgn", "link", "fading",
+    **{f"channels/{m}.py": f"tests/test_readme_defaults.py tests/test_channels.py {SLOW_JAMMER}" for m in ("base", "ideal", "awgn", "link", "fading",
                                                                               "erasure", "quantize", "ota", "compose")},
     "channels/byzantine.py": f"tests/test_channels.py tests/test_krum.py {SLOW_JAMMER}",
-    "channels/mimo_mac.py": "tests/test_channels.py",
+    "channels/mimo_mac.py": "tests/test_readme_defaults.py tests/test_channels.py",
     "fedllm/core/vectors.py": "tests/test_vectors.py tests/test_layout.py tests/test_aggregation.py",
     "fedllm/apps/payload.py": "tests/test_payload.py tests/test_faults.py tests/test_hetero_lora.py",
     "fedllm/fusion/privacy.py": "tests/test_privacy.py",
@@ -105,15 +106,27 @@ def main() -> None:
     parser.add_argument("--modules", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant before it counts as killed")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/mutation"))
+    parser.add_argument("--retry", type=Path, help="a results.json: run its surviving mutants again (after new "
+                        "tests), keep the other outcomes")
     args = parser.parse_args()
 
     work = copy_of_checkout()
     env = {**os.environ, "PYTHONPATH": str(work), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    mutants = [m for module in args.modules for m in enumerate_mutants(work, module)]
+    kept: list[dict] = []
+    if args.retry:  # the same sample: the surviving mutants again, every other outcome as it was
+        earlier = json.loads(args.retry.read_text())
+        args.modules, args.seed = earlier["summary"]["modules"], earlier["summary"]["seed"]
+        kept = [r for r in earlier["mutants"] if r["outcome"] != "survived"]
+        chosen = [{k: v for k, v in r.items() if k not in ("outcome", "seconds", "diff")}
+                  for r in earlier["mutants"] if r["outcome"] == "survived"]
+        total = earlier["summary"]["mutants_total"]
+    else:
+        mutants = [m for module in args.modules for m in enumerate_mutants(work, module)]
+        chosen = mutants if args.sample == 0 else random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
+        total = len(mutants)
     pristine = {module: (work / module).read_text() for module in args.modules}
-    chosen = mutants if args.sample == 0 else random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
-    print(f"{len(mutants)} mutants in {len(args.modules)} modules; running {len(chosen)}", flush=True)
-    results = []
+    print(f"{total} mutants in {len(args.modules)} modules; running {len(chosen)}", flush=True)
+    results = list(kept)
     for i, mutant in enumerate(chosen, 1):
         result = run_mutant(work, mutant, env, args.timeout)
         for module, text in pristine.items():  # whatever happened, the next mutant starts from the original
@@ -125,7 +138,7 @@ def main() -> None:
     killed = sum(r["outcome"].startswith("killed") for r in results)
     counted = sum(r["outcome"].startswith(("killed", "survived")) for r in results)
     low, high = wilson(killed, counted)
-    summary = {"mutants_total": len(mutants), "run": len(results), "counted": counted, "killed": killed,
+    summary = {"mutants_total": total, "run": len(results), "counted": counted, "killed": killed,
                "score": killed / counted if counted else None, "ci95": [low, high], "seed": args.seed,
                "modules": args.modules, "by_module": {}}
     for module in args.modules:

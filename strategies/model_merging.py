@@ -63,7 +63,7 @@ def magnitude_band(deltas: torch.Tensor, gamma: float, density: float) -> torch.
     """Each row with only its entries ranked (by magnitude, largest first) in [gamma d, (gamma + density) d)."""
     d = deltas.shape[1]
     top_drop = int(round(gamma * d))
-    keep = max(0, min(d - top_drop, int(round(density * d))))
+    keep = int(round(density * d))  # the slice below stops at d by itself
     order = deltas.abs().argsort(dim=1, descending=True)
     mask = torch.zeros_like(deltas, dtype=torch.bool)
     mask.scatter_(1, order[:, top_drop:top_drop + keep], True)

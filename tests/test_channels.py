@@ -350,3 +350,32 @@ def test_a_little_is_enough_sits_inside_the_honest_spread_where_krum_picks_it():
     flipped = [i for i in range(8) if not torch.equal(ipm[i], honest[i])]
     assert len(flipped) == 2 and all(torch.allclose(ipm[i], -0.5 * honest[[j for j in range(8) if j not in flipped]].mean(0))
                                      for i in flipped)
+
+
+def test_imperfect_csi_hurts_the_zero_forcing_receiver_through_the_channel_estimate_alone():
+    """ZF divides by the estimated gain: with perfect CSI it undoes the fading exactly at high SNR, with
+    an estimate g + e (var 0.1) it does not, so the error grows; LMMSE also changes its weights, which
+    alone would hide a missing estimation error."""
+    x = _gaussian(2, 200_000)
+    settings = {"snr_db": 40.0, "equalizer": "zf"}
+    perfect = build_channel("rayleigh", settings, 5).transmit(x, _meta(2))[1]
+    estimated = build_channel("rayleigh", {**settings, "csi_error_var": 0.1}, 5).transmit(x, _meta(2))[1]
+    assert torch.all(estimated.mse > 10 * perfect.mse)
+
+
+def test_reports_of_batches_sent_apart_average_their_extras_over_clients():
+    from fedllm.channels import ChannelReport
+
+    def report(n: int, loss: float) -> ChannelReport:
+        return ChannelReport(torch.zeros(n), torch.zeros(n), torch.full((n,), 32.0), torch.zeros(n, dtype=torch.bool),
+                             extra={"loss_rate": loss})
+
+    joined = ChannelReport.concat([report(3, 0.1), report(1, 0.5)], order=[0, 2, 3, 1])
+    assert joined.extra["loss_rate"] == pytest.approx((3 * 0.1 + 1 * 0.5) / 4)
+
+
+@pytest.mark.parametrize("kind", ["awgn", "rayleigh", "rician", "erasure", "ota"])
+def test_analogue_links_count_32_bits_per_value(kind):
+    x = _gaussian(3, 1001)
+    report = build_channel(kind, {}, 0).transmit(x, _meta(3))[1]
+    assert torch.equal(report.bits, torch.full((3,), 32.0 * 1001, dtype=report.bits.dtype))

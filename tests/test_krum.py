@@ -46,7 +46,7 @@ def test_krum_and_multikrum_equal_flowers(n, byzantine, f):
                        atol=1e-5)
 
 
-@pytest.mark.parametrize("n, byzantine, f", [(7, 1, 1), (8, 1, 1), (11, 2, 2)])
+@pytest.mark.parametrize("n, byzantine, f", [(7, 1, 1), (8, 1, 1), (11, 2, 2), (12, 2, 2), (16, 3, 3)])
 def test_bulyan_equals_flowers(n, byzantine, f):
     deltas, examples = _updates(n, byzantine, seed=100 + n)
     ours = build_rule("bulyan", {"f": f})(torch.from_numpy(deltas), torch.ones(n)).numpy()

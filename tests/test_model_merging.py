@@ -221,3 +221,11 @@ def test_every_statistic_a_rule_asks_for_is_declared_and_an_undeclared_one_is_na
     assert asked == {"fisher", "gram", "control"} and asked <= set(STATISTIC_LAYOUTS.names())
     with pytest.raises(ValueError, match="unknown client statistic 'hessian'; allowed: control, fisher, gram"):
         statistic_layouts(["hessian"], None, None)
+
+
+def test_adamerging_starts_from_its_initial_coefficient_on_every_task_vector():
+    """Before the post-merge hook learns anything, the fused update is init x the sum of the task vectors."""
+    from fedllm.strategies import build_rule
+
+    deltas = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    assert torch.allclose(build_rule("adamerging", {"init": 0.3})(deltas, torch.ones(2)), 0.3 * deltas.sum(dim=0))

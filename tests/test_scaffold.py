@@ -142,3 +142,16 @@ def test_the_scaffold_trainer_takes_corrected_sgd_steps_and_returns_its_mean_gra
         gradient = (x[n] - moved["supervised"][n]) / 0.1
         assert torch.allclose(result.keep["control"][n], gradient, atol=1e-4), n
         assert torch.allclose(result.statistics["control"][n], gradient - c_i[n], atol=1e-4), n
+
+
+def test_with_part_of_the_clients_the_server_control_moves_by_the_sampled_share():
+    """c <- c + |S| / N mean Delta c_i: with 2 of 5 clients in a round, c moves by 2/5 of their mean."""
+    from fedllm.core.vectors import Layout
+    from fedllm.strategies import FusionSpace, build_rule
+
+    layout = Layout(("x",), ((3,),))
+    rule = build_rule("scaffold", {})
+    rule.population = 5
+    controls = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    rule(torch.zeros(2, 3), torch.ones(2), {"control": controls}, FusionSpace(layout, {"control": layout}))
+    assert torch.allclose(rule.control, 0.4 * controls.mean(dim=0))
