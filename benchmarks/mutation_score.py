@@ -50,11 +50,13 @@ TARGETS = {
 }
 
 
-def copy_of_checkout() -> Path:
-    """HEAD in a temporary folder: cosmic-ray edits the files it mutates."""
+def copy_of_checkout(code_commit: str = "HEAD") -> Path:
+    """``code_commit``'s code with HEAD's tests in a temporary folder (cosmic-ray edits the files it
+    mutates): a sample's mutant positions belong to the code it was drawn from, new tests judge them."""
     work = Path(tempfile.mkdtemp(prefix="fedllm-mutation-"))
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+    for commit, paths in ((code_commit, []), ("HEAD", ["tests"])):
+        archive = subprocess.run(["git", "archive", commit, *paths], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     return work
 
 
@@ -106,11 +108,16 @@ def main() -> None:
     parser.add_argument("--modules", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant before it counts as killed")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/mutation"))
+    parser.add_argument("--code-commit", help="mutate this commit's code (default HEAD, or the --retry sample's)")
     parser.add_argument("--retry", type=Path, help="a results.json: run its surviving mutants again (after new "
                         "tests), keep the other outcomes")
     args = parser.parse_args()
 
-    work = copy_of_checkout()
+    code_commit = json.loads(args.retry.read_text())["summary"].get("code_commit", "HEAD") if args.retry else "HEAD"
+    code_commit = args.code_commit or code_commit
+    code_commit = subprocess.run(["git", "rev-parse", code_commit], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+    work = copy_of_checkout(code_commit)
     env = {**os.environ, "PYTHONPATH": str(work), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     kept: list[dict] = []
     if args.retry:  # the same sample: the surviving mutants again, every other outcome as it was
@@ -140,6 +147,7 @@ def main() -> None:
     low, high = wilson(killed, counted)
     summary = {"mutants_total": total, "run": len(results), "counted": counted, "killed": killed,
                "score": killed / counted if counted else None, "ci95": [low, high], "seed": args.seed,
+               "code_commit": code_commit,
                "modules": args.modules, "by_module": {}}
     for module in args.modules:
         mine = [r for r in results if r["module_path"] == module and r["outcome"].startswith(("killed", "survived"))]
