@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from flwr.app import Context, RecordDict  # noqa: E402
 
-from fedllm.apps.client_app import train_round  # noqa: E402
+from fedllm.apps.client_round import train_round  # noqa: E402
 from fedllm.apps.payload import round_content  # noqa: E402
 from fedllm.config import load_config  # noqa: E402
 from fedllm.core.vectors import flatten  # noqa: E402

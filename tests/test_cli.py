@@ -30,10 +30,22 @@ def test_every_module_imports_on_its_own():
     import subprocess
     import sys
 
-    modules = ["fedllm.config", "clients", "strategies", "channels", "fedllm.apps.cli", "fedllm.apps.client_app"]  # the entry points
+    modules = ["fedllm.config", "clients", "strategies", "channels", "fedllm.apps.cli", "fedllm.apps.client_app",
+               "fedllm.apps.client_round"]  # the entry points
     for module in modules:
         result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, f"import {module} failed:\n{result.stderr[-800:]}"
+
+
+def test_the_client_app_loads_without_torch():
+    """Flower starts a ClientApp process per message in a deployment: loading the app (all the identity
+    query needs) must not import torch or transformers, which the train and evaluate handlers load."""
+    import subprocess
+    import sys
+
+    probe = "import sys, fedllm.apps.client_app; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-800:]
 
 
 def test_round_progress_follows_the_servers_round_lines(capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fedllm.apps.client_app import LOCAL_STATE, train_round
+from fedllm.apps.client_round import LOCAL_STATE, train_round
 from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.config import load_config
 from fedllm.workloads.classification.data import load_suite

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.apps.client_app import check_same_code
+from fedllm.apps.client_round import check_same_code
 from fedllm.apps.fingerprint import code_fingerprint
 from fedllm.config import ConfigError, load_config
 

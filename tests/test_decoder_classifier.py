@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllm.apps.client_app import train_round
+from fedllm.apps.client_round import train_round
 from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.config import load_config
 from fedllm.workloads import workload_for

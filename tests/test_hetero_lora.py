@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fedllm.apps.client_app import train_round
+from fedllm.apps.client_round import train_round
 from fedllm.apps.federated_run import FederatedRun
 from fedllm.apps.payload import (
     DELTA,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedllm.apps.client_app import train_round
+from fedllm.apps.client_round import train_round
 from fedllm.apps.federated_run import FederatedRun
 from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.config import ConfigError, load_config

@@ -82,7 +82,7 @@ def test_regmean_equals_fusionbench_and_least_squares():
 def test_the_client_statistics_are_what_the_rules_assume(tiny_overrides):
     """Gram matrices from the forward hooks equal X^T X of the inputs the layer really saw; the Fisher is
     the mean squared per-example gradient."""
-    from fedllm.apps.client_app import _prepare  # noqa: F401  (the client's import path)
+    from fedllm.apps.client_round import _prepare  # noqa: F401  (the client's import path)
     from fedllm.core.bundle import forward_logits
     from fedllm.workloads import workload_for
     from fedllm.workloads.classification import empirical_fisher, input_grams

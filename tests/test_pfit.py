@@ -6,7 +6,7 @@ from fedllm.clients import TRAINERS, TrainContext
 from fedllm.clients.rewards import build_reward
 from flwr.app import Context, RecordDict
 
-from fedllm.apps.client_app import LOCAL_STATE, train_round
+from fedllm.apps.client_round import LOCAL_STATE, train_round
 from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.config import ConfigError, load_config
 from fedllm.workloads.instruction_rl.evaluation import client_preference, client_prompts

@@ -8,7 +8,7 @@ from fedllm.strategies.realign import realign, realign_parameters
 from flwr.simulation import run_simulation
 
 from fedllm.apps.client_app import app as client_app
-from fedllm.apps.client_app import train_round
+from fedllm.apps.client_round import train_round
 from fedllm.apps.payload import DELTA, METRICS, round_content
 from fedllm.apps.server_app import make_server_app
 from fedllm.config import ConfigError, load_config

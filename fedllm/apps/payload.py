@@ -19,15 +19,7 @@ from fedllm.core.lora_ranks import RANK_METRIC, rank_axis, rank_layout
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, all_finite, flatten
 
-GLOBAL = "global"
-CONFIG = "config"
-DELTA = "delta"
-METRICS = "metrics"
-NUM_EXAMPLES = "num-examples"
-RAY_NODE = "ray_node"  # which machine of a Ray cluster trained (the first 48 bits of its Ray node id)
-
-
-DOWN = "down."  # + a name: what the server sends besides the global group (e.g. a control variate)
+from fedllm.apps.wire import CONFIG, DELTA, DOWN, GLOBAL, METRICS, NUM_EXAMPLES, RAY_NODE  # noqa: F401 (re-exported)
 
 
 def round_content(global_params: dict[str, torch.Tensor], config_json: str, server_round: int,
