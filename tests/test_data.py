@@ -103,3 +103,35 @@ def test_real_shared_data_loads(shared_data):
     assert [name.split()[0] for name in task.labels] == ["DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"]
     assert len(task.train) == 5000 and len(task.test) == 500
     assert {y for _, y in task.train} == set(range(6))
+
+
+def test_a_partition_is_computed_once_and_read_back_without_flwr_datasets(tmp_path):
+    """flwr-datasets draws a Dirichlet partition once; later processes (a deployment starts one per
+    message) read the same indices from $FEDLLM_CACHE without importing datasets/flwr-datasets, and a
+    different alpha or seed is a different entry, never a stale one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys, json; from fedllm.workloads.classification.data import partition_indices; "
+             "from fedllm.core.types import Examples; labels = [i % 4 for i in range(400)]; "
+             "ex = Examples([str(i) for i in range(400)], labels, [0] * 400); "
+             "parts = partition_indices(ex, 8, 'dirichlet', float(sys.argv[1]), int(sys.argv[2])); "
+             "print(json.dumps({'parts': parts, 'datasets': 'datasets' in sys.modules}))")
+    env = {**os.environ, "FEDLLM_CACHE": str(tmp_path)}
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(alpha: str, seed: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", probe, alpha, seed], env=env, cwd=repo, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr[-800:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, again = run("0.3", "1"), run("0.3", "1")
+    assert first["datasets"] and not again["datasets"] and first["parts"] == again["parts"]
+    assert sorted(i for p in first["parts"] for i in p) == list(range(400))
+    other_alpha, other_seed = run("5.0", "1"), run("0.3", "2")
+    assert other_alpha["datasets"] and other_alpha["parts"] != first["parts"]
+    assert other_seed["datasets"] and other_seed["parts"] != first["parts"]
+    assert len(list((tmp_path / "partitions").glob("*.json"))) == 3

@@ -10,8 +10,10 @@ format of ../shared/data), or a Hugging Face dataset name via ``datasets.load_da
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from pathlib import Path
 from fedllm.config import DataSection, TaskSpec
 from fedllm.core.embedded_tasks import EMBEDDED_TASKS, generate
 from fedllm.core.errors import DataError
+from fedllm.core.store import cache_root
 from fedllm.core.types import Examples
 
 
@@ -273,9 +276,50 @@ def partition_indices(examples: Examples, num_clients: int, scheme: str, alpha: 
             for j, i in enumerate(idx):
                 parts[owners[j % len(owners)]].append(i)
         return [sorted(p) for p in parts]
+    key = _partition_key(examples.labels, num_clients, scheme, alpha, seed)
+    cached = _cached_partition(key)
+    if cached is not None:
+        return cached
+    parts = _flower_partitions(examples.labels, num_clients, scheme, alpha, seed)
+    _keep_partition(key, parts)
+    return parts
+
+
+def _partition_key(labels: list[int], num_clients: int, scheme: str, alpha: float, seed: int) -> str:
+    """What decides a partition, flwr-datasets' version included (its partitioners draw it)."""
+    from importlib.metadata import version
+
+    spec = [labels, num_clients, scheme, alpha if scheme == "dirichlet" else None, seed, version("flwr-datasets")]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+
+
+def _cached_partition(key: str) -> list[list[int]] | None:
+    """A partition computed before, from ``$FEDLLM_CACHE/partitions``: a deployment starts a client
+    process per message, and flwr-datasets' import (datasets, pyarrow) alone takes about 2 s of it."""
+    path = cache_root() / "partitions" / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not there (or unreadable): compute it
+        return None
+
+
+def _keep_partition(key: str, parts: list[list[int]]) -> None:
+    folder = cache_root() / "partitions"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(parts))
+        os.replace(tmp, folder / f"{key}.json")  # whole or absent, whoever writes at the same time
+    except OSError:  # a read-only cache costs time, not the run
+        pass
+
+
+def _flower_partitions(labels: list[int], num_clients: int, scheme: str, alpha: float, seed: int) -> list[list[int]]:
+    """``iid`` or ``dirichlet`` label skew by flwr-datasets' partitioners."""
+    n = len(labels)
     from datasets import Dataset
 
-    ds = Dataset.from_dict({"label": examples.labels, "idx": list(range(n))})
+    ds = Dataset.from_dict({"label": labels, "idx": list(range(n))})
     if scheme == "iid":
         from flwr_datasets.partitioner import IidPartitioner
 
