@@ -60,7 +60,8 @@ def train_rl(bundle: ModelBundle, examples: list[Instruction], ctx: TrainContext
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=section.batch_size, num_generations=rl.num_generations,
             max_completion_length=rl.max_new_tokens, temperature=rl.temperature, beta=rl.beta,
-            learning_rate=section.lr, weight_decay=section.weight_decay, optim=TRAINER_OPTIM[section.optimizer], max_steps=section.max_steps,
+            learning_rate=section.lr, weight_decay=section.weight_decay, optim=TRAINER_OPTIM[section.optimizer],
+            max_steps=section.max_steps,
             lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(), seed=ctx.seed, data_seed=ctx.seed,
             bf16=bundle.precision == "bf16", fp16=bundle.precision == "fp16",  # transformers' own autocast
