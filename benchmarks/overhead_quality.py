@@ -1,11 +1,15 @@
-"""What federation costs and what it gives up: the same FedAvg-LoRA training through Flower's
-simulation vs a plain loop in one process, and vs centralised training on the pooled data.
+"""What federation costs and what it gives up: the same training through Flower's simulation vs a
+plain loop in one process, and vs centralised training on the pooled data.
 
-    python benchmarks/overhead_quality.py [--clients 4 20] [--rounds 3] [--steps 20] [--repeats 3]
+    python benchmarks/overhead_quality.py [--experiment experiments/fedavg_lora.yaml] [--set KEY=VALUE]
+        [--clients 4 20] [--rounds 3] [--steps 20] [--repeats 3] [--no-centralised]
         [--out results/benchmarks/overhead_quality.json]
 
-1. Federated: ``fedllm run experiments/fedavg_lora.yaml`` (MiniLM + LoRA r=8) in a fresh process,
-   evaluation only after the last round (and the server's round-0 baseline).
+Any workload: e.g. GRPO on SmolLM2 with ``--experiment experiments/pfit/smollm2/pfit.yaml
+--set 'channel={kind: ideal}' --clients 2 --rounds 3 --steps 4 --repeats 1 --no-centralised``.
+
+1. Federated: ``fedllm run <experiment>`` (default FedAvg-LoRA on MiniLM) in a fresh process,
+   evaluation only after the last round (and the server's round-0 baseline), no federated evaluation.
 2. Plain loop: one process builds the model once and, each round, trains every client's
    partition in turn with the same trainer, seeds and steps, then averages: the same algorithm
    with no Flower, Ray, messages or processes. Its accuracy should equal the federated one.
@@ -24,77 +28,85 @@ import math
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from _runs import REPO, fedllm_run, save_and_print, stats  # noqa: E402
-from fedllm.clients import TRAINERS, TrainContext, client_seed  # noqa: E402
+from fedllm.clients import TRAINERS, client_seed  # noqa: E402
 
 from fedllm.config import load_config  # noqa: E402
 from fedllm.core.vectors import get_tensors, set_tensors  # noqa: E402
-from fedllm.workloads.classification.data import client_examples, load_suite  # noqa: E402
-from fedllm.workloads.classification.metrics import evaluate_tasks  # noqa: E402
-from fedllm.workloads.classification.models import build_bundle  # noqa: E402
+from fedllm.workloads import workload_for  # noqa: E402
 
 
-def overrides(rounds: int, steps: int) -> list[str]:
-    return [f"rounds={rounds}", f"client.max_steps={steps}", "eval.every=1000"]
+def overrides(rounds: int, steps: int, extra: list[str], clients: int) -> list[str]:
+    """Both sides get the same number of clients, also where the experiment fixes data.num_clients."""
+    return [*extra, f"rounds={rounds}", f"client.max_steps={steps}", f"data.num_clients={clients}", "eval.every=1000",
+            "eval.federated=false"]
 
 
 def plain_loop(cfg, clients: int) -> tuple[float, float, int, list[float]]:
-    """FedAvg with the federated run's trainer and seeds, in one process: (seconds, accuracy,
-    training steps taken, which a small partition caps below client.max_steps, seconds per round)."""
+    """The federated run's algorithm with its trainer and seeds, in one process, through the same
+    Workload interface the apps use (so it serves every workload): each round every client trains in
+    turn from the global part and its own kept local part, and the global parts are averaged weighted by
+    examples. Returns (seconds, the workload's metric, training steps taken, which a small partition
+    caps below client.max_steps, seconds per round)."""
     start = time.perf_counter()
-    suite = load_suite(cfg.data, cfg.seed)
-    bundle = build_bundle(cfg, suite.label_names)
-    names = bundle.groups.global_names
+    workload = workload_for(cfg)
+    bundle = workload.build_model()
+    names, local_names = bundle.groups.global_names, bundle.groups.local_names
     global_params = dict(bundle.initial_global)
-    parts = [client_examples(cfg.data, c, clients, cfg.seed) for c in range(clients)]
+    parts = [workload.client_data(c, clients, {}) for c in range(clients)]
+    local = [dict(bundle.initial_local) for _ in range(clients)]
     steps = 0
     round_times = []
     for rnd in range(1, cfg.rounds + 1):
         round_start = time.perf_counter()
         total = {n: torch.zeros_like(t) for n, t in global_params.items()}
         count = 0
-        for c, examples in enumerate(parts):
+        for c, data in enumerate(parts):
             set_tensors(bundle.model, global_params)
-            set_tensors(bundle.model, bundle.initial_local)
-            ctx = TrainContext(cfg.client, suite.label_ranges, cfg.model.max_length,
-                               seed=client_seed(cfg.seed, rnd, c))
-            steps += TRAINERS.get(cfg.client.trainer)(bundle, examples, ctx).steps
+            set_tensors(bundle.model, local[c])
+            anchor = global_params if cfg.client.prox_mu > 0 else None
+            ctx = workload.train_context(data, c, client_seed(cfg.seed, rnd, c), anchor)
+            steps += TRAINERS.get(cfg.client.trainer)(bundle, data, ctx).steps
             trained = get_tensors(bundle.model, names)
+            local[c] = get_tensors(bundle.model, local_names)
             for n in names:
-                total[n] += len(examples) * (trained[n] - global_params[n])
-            count += len(examples)
+                total[n] += len(data) * (trained[n] - global_params[n])
+            count += len(data)
         global_params = {n: global_params[n] + total[n] / count for n in names}
         round_times.append(time.perf_counter() - round_start)
-    set_tensors(bundle.model, global_params)
-    acc = evaluate_tasks(bundle, bundle.model, suite, suite.split("test"), cfg.eval.batch_size,
-                         cfg.model.max_length)["accuracy"]
-    return time.perf_counter() - start, acc, steps, round_times
+    score = workload.evaluate(bundle, global_params, clients).metrics[workload.metric]
+    return time.perf_counter() - start, score, steps, round_times
 
 
 def centralised(cfg, total_steps: int) -> tuple[float, float]:
+    """The same trainer on the pooled data (one partition of everything) for the same number of steps."""
     start = time.perf_counter()
-    suite = load_suite(cfg.data, cfg.seed)
-    bundle = build_bundle(cfg, suite.label_names)
+    workload = workload_for(cfg)
+    bundle = workload.build_model()
     section = cfg.client.model_copy(update={"max_steps": total_steps, "local_epochs": 1000})
-    TRAINERS.get(cfg.client.trainer)(bundle, suite.split("train"),
-                                     TrainContext(section, suite.label_ranges, cfg.model.max_length, seed=cfg.seed))
-    acc = evaluate_tasks(bundle, bundle.model, suite, suite.split("test"), cfg.eval.batch_size,
-                         cfg.model.max_length)["accuracy"]
-    return time.perf_counter() - start, acc
+    pooled = workload.client_data(0, 1, {})
+    ctx = workload.train_context(pooled, 0, cfg.seed, None)
+    TRAINERS.get(cfg.client.trainer)(bundle, pooled, replace(ctx, section=section))
+    score = workload.evaluate(bundle, get_tensors(bundle.model, bundle.groups.global_names), 1).metrics[workload.metric]
+    return time.perf_counter() - start, score
 
 
-def measure(clients: int, rounds: int, steps: int, repeats: int) -> dict:
-    cfg = load_config(REPO / "experiments" / "fedavg_lora.yaml", overrides(rounds, steps))
+def measure(experiment: str, extra: list[str], clients: int, rounds: int, steps: int, repeats: int,
+            with_centralised: bool = True) -> dict:
+    cfg = load_config(REPO / experiment, overrides(rounds, steps, extra, clients))
+    metric = workload_for(cfg).metric
     fed, loop, central = [], [], []
     for _ in range(repeats):
-        fed.append(fedllm_run("experiments/fedavg_lora.yaml", overrides(rounds, steps), clients))
+        fed.append(fedllm_run(experiment, overrides(rounds, steps, extra, clients), clients))
         loop.append(plain_loop(cfg, clients))
-        central.append(centralised(cfg, loop[-1][2]))  # the same number of steps, on pooled data
+        if with_centralised:
+            central.append(centralised(cfg, loop[-1][2]))  # the same number of steps, on pooled data
     walls = [f["wall"] for f in fed]
     best = fed[walls.index(statistics.median(walls))] if repeats % 2 else fed[walls.index(min(walls))]
     recs = best["records"][1:]
@@ -116,21 +128,23 @@ def measure(clients: int, rounds: int, steps: int, repeats: int) -> dict:
     breakdown["round_1_s"] = recs[0]["round_time"]
     steady = statistics.median(r["round_time"] - r.get("eval_time", 0.0) for r in recs[1:]) if len(recs) > 1 else float("nan")
     plain_round = statistics.median(t for _, _, _, rounds in loop for t in rounds)
+    plain_round_1 = statistics.median(rounds[0] for _, _, _, rounds in loop)
     fed_fixed = statistics.median(walls) - rounds * steady
     plain_fixed = statistics.median(t for t, _, _, _ in loop) - rounds * plain_round
     per_round = {"federated_round_s": steady, "plain_round_s": plain_round, "ratio": steady / plain_round,
+                 "round_1_ratio": recs[0]["round_time"] / plain_round_1,
                  "federated_fixed_s": fed_fixed, "plain_fixed_s": plain_fixed}
     # rounds from which the whole run is within 15% / 30% of the plain loop (None: never)
     for goal in (1.15, 1.30):
         room = goal * plain_round - steady
         per_round[f"rounds_to_{round(100 * (goal - 1))}pct"] = (max(1, math.ceil((fed_fixed - goal * plain_fixed) / room))
                                                               if room > 0 else None)
-    fed_acc, loop_acc, central_acc = (best["summary"]["final_accuracy"], statistics.median(a for _, a, _, _ in loop),
-                                      statistics.median(a for _, a in central))
+    fed_acc, loop_acc = best["summary"][f"final_{metric}"], statistics.median(a for _, a, _, _ in loop)
+    central_acc = statistics.median(a for _, a in central) if central else float("nan")
     return {
-        "clients": clients, "rounds": rounds, "steps": steps, "repeats": repeats,
+        "experiment": experiment, "overrides": extra, "metric": metric, "clients": clients, "rounds": rounds, "steps": steps, "repeats": repeats,
         "federated_wall_s": stats(walls), "plain_loop_s": stats([t for t, _, _, _ in loop]),
-        "centralised_s": stats([t for t, _ in central]),
+        "centralised_s": stats([t for t, _ in central]) if central else None,
         "overhead_ratio": statistics.median(walls) / statistics.median(t for t, _, _, _ in loop),
         "overhead_rounds_only_ratio": rounds_s / statistics.median(t for t, _, _, _ in loop),
         "breakdown": breakdown, "per_round": per_round,
@@ -146,15 +160,15 @@ def markdown(result: dict) -> str:
 def markdown_one(r: dict) -> str:
     b = r["breakdown"]
     return "\n".join([
-        f"FedAvg-LoRA (MiniLM, {r['clients']} clients, {r['rounds']} rounds x {r['steps']} steps), "
-        f"median (min) of {r['repeats']}:", "",
-        "| | wall s | accuracy |", "| --- | --- | --- |",
+        f"{r.get('experiment', 'experiments/fedavg_lora.yaml')} {' '.join(r.get('overrides', []))} "
+        f"({r['clients']} clients, {r['rounds']} rounds x {r['steps']} steps), median (min) of {r['repeats']}:", "",
+        f"| | wall s | {r.get('metric', 'accuracy')} |", "| --- | --- | --- |",
         f"| federated (fedllm run, fresh process) | {r['federated_wall_s']['median']:.1f} "
         f"({r['federated_wall_s']['min']:.1f}) | {r['federated_accuracy']:.4f} |",
         f"| plain loop, same algorithm | {r['plain_loop_s']['median']:.1f} ({r['plain_loop_s']['min']:.1f}) "
         f"| {r['plain_loop_accuracy']:.4f} |",
-        f"| centralised, pooled data, same {r['total_steps']} steps | {r['centralised_s']['median']:.1f} "
-        f"({r['centralised_s']['min']:.1f}) | {r['centralised_accuracy']:.4f} |", "",
+        *([f"| centralised, pooled data, same {r['total_steps']} steps | {r['centralised_s']['median']:.1f} "
+           f"({r['centralised_s']['min']:.1f}) | {r['centralised_accuracy']:.4f} |"] if r["centralised_s"] else []), "",
         f"Overhead: federated / plain loop = {r['overhead_ratio']:.2f} (rounds only: "
         f"{r['overhead_rounds_only_ratio']:.2f}); quality: federated / centralised = {r['quality_ratio']:.3f}. "
         f"Federated time: {b['process_start_to_round_1_s']:.1f} s start (imports, Ray, model, round-0 eval), "
@@ -171,19 +185,25 @@ def per_round_line(p: dict | None) -> list[str]:
     reach = ", ".join(f"{goal}% from {p[f'rounds_to_{goal}pct']} rounds" if p[f"rounds_to_{goal}pct"] else f"{goal}% never"
                       for goal in (15, 30))
     return [f"Per round once running: federated {p['federated_round_s']:.2f} s vs plain loop {p['plain_round_s']:.2f} s "
-            f"(ratio {p['ratio']:.2f}); fixed cost per run {p['federated_fixed_s']:.1f} s vs {p['plain_fixed_s']:.1f} s. "
+            f"(ratio {p['ratio']:.2f}; round 1 {p.get('round_1_ratio', float('nan')):.2f}); fixed cost per run {p['federated_fixed_s']:.1f} s vs {p['plain_fixed_s']:.1f} s. "
             f"Whole-run overhead within {reach}.", ""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="experiments/fedavg_lora.yaml", help="a single-point experiment YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for that experiment (repeatable), as fedllm run --set")
+    parser.add_argument("--no-centralised", dest="centralised", action="store_false",
+                        help="skip the pooled-data run (e.g. for RL, where one reward mix would stand for all)")
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 20])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/overhead_quality.json"))
     args = parser.parse_args()
-    result = {"runs": [measure(n, args.rounds, args.steps, args.repeats) for n in args.clients]}
+    result = {"runs": [measure(args.experiment, args.overrides, n, args.rounds, args.steps, args.repeats, args.centralised)
+                       for n in args.clients]}
     save_and_print(result, args.out, markdown(result))
 
 
