@@ -161,10 +161,10 @@ def test_a_node_that_does_not_say_who_it_is_is_not_sampled_and_is_asked_again(tm
     cfg = load_config(None, [*TINY_OVERRIDES, "strategy.min_clients=2", f"output.dir={tmp_path}"])
     grid = _Grid({11: 0, 12: 1, 13: 2, 14: None}, silent={12}, gone={13})
     run = FederatedRun(grid, cfg, echo=lambda line: None)
-    assert run.available_nodes(timeout=0) == [11, 14]
-    assert run.identities == {11: "p0", 14: "n14"}  # 14 answered without a partition: a device
-    assert run.declared_partitions == 4
+    assert run.nodes.available(2, timeout=0) == [11, 14]
+    assert run.nodes.identities == {11: "p0", 14: "n14"}  # 14 answered without a partition: a device
+    assert run.nodes.declared_partitions == 4
     grid.silent, grid.gone, grid.asked = set(), set(), []
-    assert run.available_nodes(timeout=0) == [11, 12, 13, 14]
+    assert run.nodes.available(2, timeout=0) == [11, 12, 13, 14]
     assert sorted(grid.asked) == [12, 13]  # only the unknown ones are asked again
-    assert run.identities == {11: "p0", 12: "p1", 13: "p2", 14: "n14"}
+    assert run.nodes.identities == {11: "p0", 12: "p1", 13: "p2", 14: "n14"}

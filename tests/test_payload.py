@@ -61,7 +61,7 @@ def test_replies_land_in_one_stack_that_fusion_takes_without_a_copy(named_as_sam
     as the top rows of the round's stack in client-id order ("p10" before "p2", as fusion sorts them),
     and fusion gets them as a view of that stack, equal to what torch.stack of the deltas would be.
     A client that names itself otherwise than it was sampled as still lands in its place."""
-    from fedllm.apps.federated_run import Replies
+    from fedllm.apps.replies import Replies
     from fedllm.core.vectors import stack_rows
 
     partition = {11: 0, 12: 1, 13: 10, 14: 2, 15: 3}
