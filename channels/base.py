@@ -148,7 +148,9 @@ def measured_report(sent: torch.Tensor, received: torch.Tensor, bits: torch.Tens
                     **extra: Any) -> ChannelReport:
     """MSE and effective SNR measured from what was sent and what arrived, per client."""
     n, d = sent.shape
-    err = torch.linalg.vector_norm(received - sent, dim=1).pow(2) / max(d, 1)
+    # row by row: the difference of the whole batch would be one more batch-sized copy at the server's peak
+    err = torch.stack([torch.linalg.vector_norm(r - s) for r, s in zip(received, sent)]).pow(2) / max(d, 1) \
+        if n else torch.zeros(0)
     power = torch.linalg.vector_norm(sent, dim=1).pow(2) / max(d, 1)
     snr = torch.where(err > 0, 10 * torch.log10(power.clamp_min(1e-30) / err.clamp_min(1e-30)),
                       torch.full_like(err, float("inf")))

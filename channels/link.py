@@ -101,9 +101,9 @@ def transmit_link(symbols: torch.Tensor, params: LinkParams, meta: ClientMeta, g
         alpha = torch.where(packet_power > 0, torch.sqrt(power / packet_power.clamp_min(1e-30)),
                             torch.ones_like(packet_power))
         signal_coef = (w[:, b] * g[:, b]).unsqueeze(2)
-        est = part * signal_coef
+        est = out[:, lo:hi].view(n, k, -1)  # written in place: no batch-sized temporary besides the noise
+        torch.mul(part, signal_coef, out=est)
         if sigma2 > 0:
             noise_coef = (w[:, b] * math.sqrt(sigma2) / alpha).unsqueeze(2)
             est.add_(complex_noise(tuple(part.shape), generator).mul_(noise_coef))
-        out[:, lo:hi] = est.reshape(n, -1)
     return out
