@@ -154,8 +154,9 @@ TINY = {"model": {"name": "tiny-bert", "max_length": 32}, "peft": {"method": "fu
 
 @pytest.mark.deployment
 @pytest.mark.slow
-def test_sixteen_supernodes_over_tls_for_three_rounds_lose_nothing(tmp_path):
-    """16 SuperNodes on one machine (issue 21), TLS on, 3 rounds: every round samples all 16 by their
+def test_sixteen_supernodes_over_tls_for_two_rounds_lose_nothing(tmp_path):
+    """16 SuperNodes on one machine (issue 21), TLS on, 2 rounds (the second with every ClientApp process
+    started again, as Flower 1.42 does per message): every round samples all 16 by their
     partitions, and each sampled node is used, rejected or missing, never unaccounted for. The
     SuperLink keeps its state in memory (Flower's default): on 2 cores, 16 ClientApp processes starting
     at once starve it, and its SQLite state (``--database``) then fails writes with "database is
@@ -166,18 +167,18 @@ def test_sixteen_supernodes_over_tls_for_three_rounds_lose_nothing(tmp_path):
         for i in range(nodes):
             deployment.supernode(f"supernode{i}", f"partition-id={i} num-partitions={nodes}")
         deployment.wait_for_nodes(nodes, timeout=240)  # 16 processes importing Flower on 2 cores
-        experiment = {**TINY, "rounds": 3, "data": {**TINY["data"], "max_train_per_task": 640},
+        experiment = {**TINY, "rounds": 2, "data": {**TINY["data"], "max_train_per_task": 640},
                       "peft": {"method": "lora", "r": 4}, "strategy": {"min_clients": nodes}}
         records, stdout = deployment.run(experiment)
     finally:
         deployment.close()
-    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert [r["round"] for r in records] == [0, 1, 2]
     for record in records[1:]:
         assert sorted(record["sampled"]) == sorted(f"p{i}" for i in range(nodes)), record["sampled"]
         accounted = record["clients_used"] + record["clients_rejected"] + record["clients_missing"]
         assert accounted == record["clients_sampled"] == nodes, record
         assert record["clients_used"] == nodes, record  # nothing failed on loopback: everyone is used
-    assert "[round 3/3]" in stdout
+    assert "[round 2/2]" in stdout
 
 
 @pytest.mark.deployment
