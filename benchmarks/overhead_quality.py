@@ -33,12 +33,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 from _runs import REPO, fedllm_run, save_and_print, stats  # noqa: E402
 from fedllm.clients import TRAINERS, client_seed  # noqa: E402
 
 from fedllm.config import load_config  # noqa: E402
-from fedllm.core.vectors import get_tensors, set_tensors  # noqa: E402
+from fedllm.core.types import ClientUpdate  # noqa: E402
+from fedllm.core.vectors import flatten, get_tensors, set_tensors, subtract  # noqa: E402
+from fedllm.fusion.pipeline import FusionPipeline  # noqa: E402
 from fedllm.workloads import workload_for  # noqa: E402
 
 
@@ -49,36 +50,40 @@ def overrides(rounds: int, steps: int, extra: list[str], clients: int) -> list[s
 
 
 def plain_loop(cfg, clients: int) -> tuple[float, float, int, list[float]]:
-    """The federated run's algorithm with its trainer and seeds, in one process, through the same
-    Workload interface the apps use (so it serves every workload): each round every client trains in
-    turn from the global part and its own kept local part, and the global parts are averaged weighted by
-    examples. Returns (seconds, the workload's metric, training steps taken, which a small partition
-    caps below client.max_steps, seconds per round)."""
+    """The federated run's algorithm with its trainer, seeds, channel and fusion rule, in one process,
+    through the same Workload interface and FusionPipeline the apps use (so it serves every workload
+    and rule that fuses the sent group itself): each round every client trains in turn from the global
+    part and its own kept local part, and the pipeline fuses their deltas. Returns (seconds, the
+    workload's metric, training steps taken, which a small partition caps below client.max_steps,
+    seconds per round)."""
     start = time.perf_counter()
     workload = workload_for(cfg)
     bundle = workload.build_model()
+    pipeline = FusionPipeline(cfg, workload, bundle)
+    if pipeline.lora is not None or pipeline.stat_layouts or pipeline.downlink():
+        raise SystemExit(f"{cfg.strategy.name}: the plain loop runs rules that fuse the sent deltas alone (no LoRA "
+                         "products, client statistics or downlink state)")
     names, local_names = bundle.groups.global_names, bundle.groups.local_names
-    global_params = dict(bundle.initial_global)
+    global_params = pipeline.initial_global()
     parts = [workload.client_data(c, clients, {}) for c in range(clients)]
     local = [dict(bundle.initial_local) for _ in range(clients)]
     steps = 0
     round_times = []
     for rnd in range(1, cfg.rounds + 1):
         round_start = time.perf_counter()
-        total = {n: torch.zeros_like(t) for n, t in global_params.items()}
-        count = 0
+        updates = []
         for c, data in enumerate(parts):
             set_tensors(bundle.model, global_params)
             set_tensors(bundle.model, local[c])
             anchor = global_params if cfg.client.prox_mu > 0 else None
             ctx = workload.train_context(data, c, client_seed(cfg.seed, rnd, c), anchor)
-            steps += TRAINERS.get(cfg.client.trainer)(bundle, data, ctx).steps
-            trained = get_tensors(bundle.model, names)
+            result = TRAINERS.get(cfg.client.trainer)(bundle, data, ctx)
+            steps += result.steps
+            delta = subtract(get_tensors(bundle.model, names), global_params)
             local[c] = get_tensors(bundle.model, local_names)
-            for n in names:
-                total[n] += len(data) * (trained[n] - global_params[n])
-            count += len(data)
-        global_params = {n: global_params[n] + total[n] / count for n in names}
+            updates.append(ClientUpdate(c, flatten(delta, pipeline.layout), len(data),
+                                        {"train_loss": result.loss, "partition": c}))
+        global_params, _ = pipeline(global_params, updates, cfg.seed + rnd, population=clients, server_round=rnd)
         round_times.append(time.perf_counter() - round_start)
     score = workload.evaluate(bundle, global_params, clients).metrics[workload.metric]
     return time.perf_counter() - start, score, steps, round_times
@@ -123,6 +128,12 @@ def measure(experiment: str, extra: list[str], clients: int, rounds: int, steps:
     workers = min(clients, os.cpu_count() or 1)
     breakdown["client_training_per_worker_s"] = breakdown["all_client_training_s"] / workers
     breakdown["rest_of_rounds_s"] = rounds_s - breakdown["client_training_per_worker_s"] - breakdown["server_evaluation_s"]
+    # fedllm's own steps on the server (sending, checking replies, channel, fusion, merge, checkpoints):
+    # what the framework adds to a round besides training, Flower's transport and evaluation
+    phases = best["summary"].get("phase_times", {})
+    own = {k: v for k, v in phases.items() if k not in ("wait_for_clients", "slowest_client_training", "evaluation")}
+    breakdown["fedllm_steps_s"] = own
+    breakdown["fedllm_share_of_rounds"] = sum(own.values()) / rounds_s if rounds_s else float("nan")
     # Once running: a round after the first (Ray workers import torch/transformers and build the model
     # on their first message) vs a plain-loop round; what is left is a fixed cost per run.
     breakdown["round_1_s"] = recs[0]["round_time"]
@@ -176,7 +187,14 @@ def markdown_one(r: dict) -> str:
         f"({b['all_client_training_s']:.1f} s in all) + {b['server_evaluation_s']:.1f} s server evaluation + "
         f"{b['rest_of_rounds_s']:.1f} s the rest (messages, serialisation, fusion, worker scheduling; round 1 "
         f"alone {b.get('round_1_s', float('nan')):.1f} s, as each Ray worker imports torch and transformers and builds "
-        f"the model on its first message).", ""] + per_round_line(r.get("per_round")))
+        f"the model on its first message).", ""] + own_steps_line(b) + per_round_line(r.get("per_round")))
+
+
+def own_steps_line(b: dict) -> list[str]:
+    if "fedllm_steps_s" not in b:
+        return []
+    steps = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(b["fedllm_steps_s"].items(), key=lambda kv: -kv[1]))
+    return [f"fedllm's own server steps: {100 * b['fedllm_share_of_rounds']:.1f}% of the rounds ({steps}).", ""]
 
 
 def per_round_line(p: dict | None) -> list[str]:

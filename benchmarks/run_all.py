@@ -4,7 +4,8 @@
     python benchmarks/run_all.py              # the full sizes and 3 repeats everywhere
 
 Sections (see each script's docstring): simulation overhead and quality at budget
-(overhead_quality.py), client cost and memory (client_cost.py), scaling in the number of
+(overhead_quality.py; also GRPO on SmolLM2 and R-MTLLMF's full task vectors against the same steps in
+a plain loop), client cost and memory (client_cost.py), scaling in the number of
 clients (scaling.py), fusion throughput on 8 x 22.7M task vectors (fusion_throughput.py) and
 channel throughput (bench_channels.py). Results go to results/benchmarks/ (one JSON per
 script, summary.json and summary.md).
@@ -22,24 +23,38 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
+PFIT_SMOLLM2 = ["--experiment", "experiments/pfit/smollm2/pfit.yaml", "--set", "channel={kind: ideal}", "--clients", "4",
+                "--no-centralised", "--repeats", "1"]
+PFIT_TINY = ["--experiment", "experiments/pfit/pfit_rewards.yaml", "--set", "channel={kind: ideal}", "--clients", "4",
+             "--no-centralised", "--repeats", "1"]
+RMTLLMF = ["--experiment", "experiments/rmtllmf_jammed.yaml", "--clients", "3", "--rounds", "1", "--no-centralised"]
+
 PLANS = {
-    # script: (quick args, full args)
-    "overhead_quality": (["--clients", "4", "--rounds", "3", "--steps", "20", "--repeats", "1"],
+    # section: (script, quick args, full args)
+    "overhead_quality": ("overhead_quality", ["--clients", "4", "--rounds", "3", "--steps", "20", "--repeats", "1"],
                          ["--clients", "4", "20", "--rounds", "5", "--steps", "20", "--repeats", "3"]),
-    "client_cost": ([], []),
-    "scaling": (["--sizes", "4", "16", "64", "128", "--rounds", "3"], ["--sizes", "4", "16", "64", "128"]),
-    "fusion_throughput": (["--repeats", "2"], ["--repeats", "3"]),
-    "bench_channels": (["--d", "4000000", "--repeats", "2"], []),
+    # every workload against its floor, the same steps in a plain loop: GRPO (PFIT) and full task vectors (R-MTLLMF)
+    "overhead_pfit": ("overhead_quality", [*PFIT_TINY, "--rounds", "2", "--steps", "4"],
+                      [*PFIT_SMOLLM2, "--rounds", "3", "--steps", "4"]),
+    "overhead_rmtllmf": ("overhead_quality", [*RMTLLMF, "--steps", "20", "--repeats", "1"],
+                         [*RMTLLMF, "--steps", "60", "--repeats", "1"]),
+    "client_cost": ("client_cost", [], []),
+    "scaling": ("scaling", ["--sizes", "4", "16", "64", "128", "--rounds", "3"], ["--sizes", "4", "16", "64", "128"]),
+    "fusion_throughput": ("fusion_throughput", ["--repeats", "2"], ["--repeats", "3"]),
+    "bench_channels": ("bench_channels", ["--d", "4000000", "--repeats", "2"], []),
 }
 
 
 def summary_markdown(results: dict, seconds: dict) -> str:
     sys.path.insert(0, str(HERE))
     lines = ["# fedllm benchmarks", ""]
-    if "overhead_quality" in results:
-        from overhead_quality import markdown as oq
+    from overhead_quality import markdown as oq
 
-        lines += ["## Overhead and quality at budget", "", oq(results["overhead_quality"])]
+    for name, title in (("overhead_quality", "Overhead and quality at budget"),
+                        ("overhead_pfit", "PFIT (GRPO) against a plain loop"),
+                        ("overhead_rmtllmf", "R-MTLLMF (full task vectors, jammed) against a plain loop")):
+        if name in results:
+            lines += [f"## {title}", "", oq(results[name])]
     if "client_cost" in results:
         c = results["client_cost"]
         lines += ["## Client cost (MiniLM + LoRA r=8)", "",
@@ -75,14 +90,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results, seconds = {}, {}
     start = time.perf_counter()
-    for name, (quick, full) in PLANS.items():
+    for name, (script, quick, full) in PLANS.items():
         if args.only and name not in args.only:
             kept = args.out / f"{name}.json"  # re-running one section keeps the others' last results
             if kept.is_file():
                 results[name] = json.loads(kept.read_text())
             continue
         out = (args.out / f"{name}.json").resolve()
-        cmd = [sys.executable, str(HERE / f"{name}.py"), *(quick if args.quick else full), "--out", str(out)]
+        cmd = [sys.executable, str(HERE / f"{script}.py"), *(quick if args.quick else full), "--out", str(out)]
         print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
