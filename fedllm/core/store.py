@@ -8,6 +8,7 @@ policy) are cached under ``$FEDLLM_CACHE`` (default ``~/.cache/fedllm``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -23,3 +24,16 @@ def embedded_model_dir() -> Path:
 
 def cache_root() -> Path:
     return Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm")).expanduser()
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a temporary file beside ``path`` (named per process, so writers in parallel
+    processes never share one), then rename it into place: readers see the old file or the whole new
+    one. On failure the temporary file is removed, ``path`` keeps its old content, and the error is raised."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

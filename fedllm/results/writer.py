@@ -23,6 +23,7 @@ import yaml
 
 from fedllm.config import ExperimentConfig
 from fedllm.core.errors import ConfigError
+from fedllm.core.store import write_atomically
 from fedllm.results.tracking import Tracker, build_tracker
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,12 +42,9 @@ def _jsonable(value: Any) -> Any:
 def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` into a temporary file beside ``path``, then rename it into place; on failure the
     temporary file is removed and ``path`` keeps its old content."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write_atomically(path, write)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
         full = getattr(exc, "errno", None) == errno.ENOSPC or "unexpected pos" in str(exc) or "No space" in str(exc)
         cause = "no space left" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
         raise StorageError(f"{cause} on {path.parent} while writing {path.name}; the last complete checkpoint "

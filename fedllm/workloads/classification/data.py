@@ -13,7 +13,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from fedllm.config import DataSection, TaskSpec
 from fedllm.core.embedded_tasks import EMBEDDED_TASKS, generate
 from fedllm.core.errors import DataError
-from fedllm.core.store import cache_root
+from fedllm.core.store import cache_root, write_atomically
 from fedllm.core.types import Examples
 
 
@@ -307,9 +306,7 @@ def _keep_partition(key: str, parts: list[list[int]]) -> None:
     folder = cache_root() / "partitions"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(parts))
-        os.replace(tmp, folder / f"{key}.json")  # whole or absent, whoever writes at the same time
+        write_atomically(folder / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(parts)))
     except OSError:  # a read-only cache costs time, not the run
         pass
 
