@@ -14,6 +14,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm.apps.payload import METRICS
+from fedllm.core.types import client_identity
 
 log = logging.getLogger("fedllm")
 
@@ -38,7 +39,7 @@ class Nodes:
                 continue
             node = reply.metadata.src_node_id
             facts = dict(reply.content.metric_records.get(METRICS, {}))
-            self.identities[node] = f"p{int(facts['partition'])}" if "partition" in facts else f"n{node}"
+            self.identities[node] = client_identity(facts, node)
             self.declared_partitions = max(self.declared_partitions, int(facts.get("partitions", 0)))
         silent = [n for n in unknown if n not in self.identities]
         if silent:
@@ -70,6 +71,5 @@ class Nodes:
                 log.warning("round %d: evaluation failed on client %s", rnd, reply.metadata.src_node_id)
                 continue
             metrics = dict(reply.content.metric_records[METRICS])
-            name = f"p{int(metrics['partition'])}" if "partition" in metrics else f"n{reply.metadata.src_node_id}"
-            per_client[name] = metrics
+            per_client[client_identity(metrics, reply.metadata.src_node_id)] = metrics
         return per_client

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +35,13 @@ class Instruction:
     question: str = ""  # the bare instruction, for a chat model's template ("": the prompt is final)
 
 
+def client_identity(facts: Mapping[str, Any], node_id: int) -> str:
+    """A client's run-stable name: "p<partition>" when it reports its data partition, else "n<node id>"
+    (a device without one; node ids are drawn per run)."""
+    partition = facts.get("partition")
+    return f"p{int(partition)}" if partition is not None else f"n{node_id}"
+
+
 @dataclass
 class ClientUpdate:
     """One client's checked reply: its flat delta in the server's layout, example count, metrics."""
@@ -47,5 +56,4 @@ class ClientUpdate:
     @property
     def client_id(self) -> str:
         """A name stable across runs: the data partition when known (node ids are drawn per run)."""
-        partition = self.metrics.get("partition")
-        return f"p{int(partition)}" if partition is not None else f"n{self.node_id}"
+        return client_identity(self.metrics, self.node_id)
