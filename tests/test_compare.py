@@ -36,6 +36,12 @@ def test_sweep_expands_to_the_cartesian_product(tmp_path):
     assert [r.config.channel.kind for r in runs] == ["ideal", "ideal", "awgn", "awgn"]
     with pytest.raises(ConfigError, match="sweep.seed: must be a non-empty list"):
         expand_sweep({"seed": 3})
+    # --set on a swept key pins it: one run per remaining point, labelled by what still varies, not
+    # two runs of one config labelled with sweep values the override replaced
+    pinned = plan([path], ["seed=7"])
+    assert [r.config.seed for r in pinned] == [7, 7] and [r.overrides for r in pinned] == [
+        {"channel": {"kind": "ideal"}}, {"channel": {"kind": "awgn", "snr_db": 5}}]
+    assert [r.config.channel.kind for r in plan([path], ["channel.kind=ideal", "seed=1"])] == ["ideal"]
     bad = _tiny_yaml(tmp_path / "bad.yaml", tmp_path / "r", sweep={"client.lrr": [1]})
     with pytest.raises(ConfigError, match=r"(?s)bad.yaml: .*client.lrr: unknown key"):
         plan([bad])

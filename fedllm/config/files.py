@@ -72,7 +72,7 @@ def load_config(path: str | Path | None, overrides: str | list[str] | None = Non
     raw = read_experiment_yaml(path) if path else {}
     sweep = raw.pop("sweep", None)
     if sweep is not None:
-        unpinned = _unpinned(sweep, parse_overrides(overrides))
+        unpinned = unpinned_sweep(sweep, parse_overrides(overrides))
         if unpinned:
             choices = "; ".join(f"{key} over {values}" for key, values in unpinned.items())
             items = [f"{key}={_yaml_value(values[0])}" for key, values in unpinned.items()]
@@ -83,8 +83,9 @@ def load_config(path: str | Path | None, overrides: str | list[str] | None = Non
     return config_from_dict(raw, overrides)
 
 
-def _unpinned(sweep: Any, overrides: dict[str, Any]) -> dict[str, list[Any]]:
-    """The swept keys no override sets."""
+def unpinned_sweep(sweep: Any, overrides: dict[str, Any]) -> dict[str, list[Any]]:
+    """The part of a ``sweep:`` block that no override pins (``overrides`` nested, as parse_overrides gives):
+    an override beats the sweep, so a pinned key is one point, not several runs of the same config."""
     if not isinstance(sweep, dict):
         raise ConfigError("sweep: must map dotted keys to lists of values, e.g. {channel.snr_db: [0, 10]}")
     out = {}

@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-from fedllm.config import ConfigError, ExperimentConfig, config_from_dict, read_experiment_yaml
+from fedllm.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    parse_overrides,
+    read_experiment_yaml,
+    unpinned_sweep,
+)
 
 
 @dataclass
@@ -42,17 +49,24 @@ def _override_items(point: dict[str, Any]) -> list[str]:
 
 
 def plan(paths: list[Path], extra_overrides: list[str] | None = None) -> list[PlannedRun]:
-    """Every run the given files, folders and sweep blocks describe, validated up front."""
+    """Every run the given files, folders and sweep blocks describe, validated up front. A swept key that
+    ``extra_overrides`` also sets is not swept: the override wins, so its points would be one config."""
     files: list[Path] = []
     for p in paths:
         files += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
     if not files:
         raise ConfigError(f"no experiment YAML found in {', '.join(map(str, paths))}")
+    pinned = parse_overrides(list(extra_overrides or []))
     runs = []
     for path in files:
         raw = read_experiment_yaml(path)
         sweep = raw.pop("sweep", None)
-        for point in expand_sweep(sweep) if sweep is not None else [{}]:
+        points: list[dict[str, Any]] = [{}]
+        if sweep is not None:
+            expand_sweep(sweep)  # validates the whole block, pinned keys included
+            free = unpinned_sweep(sweep, pinned)
+            points = expand_sweep(free) if free else [{}]
+        for point in points:
             try:
                 cfg = config_from_dict(raw, _override_items(point) + list(extra_overrides or []))
             except ConfigError as err:
