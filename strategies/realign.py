@@ -2,8 +2,10 @@
 
 After the merge, a few steps on the server's few-shot set pull the fused model back towards the
 tasks' decision boundaries. ``scope`` says what moves: ``transmitted`` (every tensor of the
-global group, i.e. the non-frozen layers) or ``norms_biases`` (only LayerNorm weights and biases
-of that group: a few thousand values, the cheapest and least overfitting). Only transmitted
+global group, i.e. the non-frozen layers) or ``norms_biases`` (only the normalisation layers'
+weights and the biases of that group: a few thousand values, the cheapest and least overfitting).
+Normalisation layers are found by module type, not by name, so BERT's ``LayerNorm``, Llama's
+``input_layernorm``/``norm`` (RMSNorm, and no biases) and GPT-2's ``ln_1`` all count. Only transmitted
 tensors move, since only those reach the clients.
 """
 
@@ -24,8 +26,20 @@ def realign_parameters(bundle: ModelBundle, scope: Scope) -> list[torch.nn.Param
     params = dict(bundle.model.named_parameters())
     names = list(bundle.groups.global_names)
     if scope == "norms_biases":
-        names = [n for n in names if "LayerNorm" in n or n.endswith(".bias")]
+        norms = normalisation_parameter_names(bundle.model)
+        names = [n for n in names if n in norms or n.endswith(".bias")]
     return [params[n] for n in names]
+
+
+def normalisation_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Parameters of normalisation modules (torch's LayerNorm/RMSNorm/GroupNorm and the models' own
+    ``*RMSNorm``/``*LayerNorm`` classes, which transformers defines per architecture)."""
+    out = set()
+    for prefix, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)) or kind.endswith("Norm"):
+            out |= {f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)}
+    return out
 
 
 def realign(model: torch.nn.Module, params: list[torch.nn.Parameter], loss: Callable[[], torch.Tensor], *,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from fedllm.strategies.realign import realign, realign_parameters
+from fedllm.strategies.realign import normalisation_parameter_names, realign, realign_parameters
 from flwr.simulation import run_simulation
 
 from fedllm.apps.client_app import app as client_app
@@ -68,6 +68,20 @@ def test_realignment_lowers_the_few_shot_loss():
     b2, a2 = realign(norms_only.model, chosen, lambda: workload.few_shot_loss(norms_only, shots), steps=10, lr=1e-2,
                      seed=0)
     assert a2 < b2
+
+
+def test_norms_are_found_by_module_type_in_any_architecture():
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=16))
+    by_name = {n for n, _ in bert.named_parameters() if "LayerNorm" in n}  # BERT spells every norm LayerNorm
+    assert normalisation_parameter_names(bert) == by_name and len(by_name) == 2 * (1 + 2 * 2)
+    llama = LlamaModel(LlamaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=16))
+    assert normalisation_parameter_names(llama) == {
+        *(f"layers.{i}.{k}.weight" for i in range(2) for k in ("input_layernorm", "post_attention_layernorm")),
+        "norm.weight"}  # RMSNorm, no biases: the name rule of BERT found none of these
 
 
 @pytest.mark.slow
