@@ -15,11 +15,14 @@ vector a single time (cached on disk) and then evaluates every fusion rule and c
    feed-forward or LayerNorm tensors of the fused model.
 
 Data: the 8 text tasks in ../shared/data (sst2 subj cr mpqa trec banking77 ag_news emotion)
-when present, else the embedded tasks. Model: the embedded MiniLM with frozen label-embedding
-heads. Writes table.md, results.json and PNG plots under --out.
+when present, else the embedded tasks. Model: the embedded MiniLM by default, or SmolLM2 (any BERT
+or Llama model: ARCHITECTURES names each one's groups), with frozen label-embedding heads. Writes
+table.md, results.json and PNG plots under --out.
 
     python benchmarks/rmtllmf_benchmark.py --quick          # 3 tasks, short
     python benchmarks/rmtllmf_benchmark.py                  # all 8 tasks
+    python benchmarks/rmtllmf_benchmark.py --quick --model smollm2-135m --families full frozen \
+        --methods "task arithmetic" TIES R-MTLLMF --no-statistics --validation 32
 """
 
 from __future__ import annotations
@@ -49,28 +52,58 @@ from fedllm.workloads.classification.metrics import fusion_scores, individual_pr
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 REAL_TASKS = ["sst2", "subj", "cr", "mpqa", "trec", "banking77", "ag_news", "emotion"]
-GROUPS = {"embeddings": "embeddings", "attention": "attention.self", "feed_forward": ("intermediate.dense", "output.dense"),
-          "layernorm": "LayerNorm"}
+# Per architecture (config.model_type): the tensor-name patterns of each sensitivity group (the
+# first, embeddings, is what R-MTLLMF keeps home) and LoRA's targets. BERT: MiniLM, tiny-bert;
+# Llama: SmolLM2 (its RMSNorms are the "layernorm" group; it has no biases).
+ARCHITECTURES = {
+    "bert": {"groups": {"embeddings": ("embeddings",), "attention": ("attention.self",),
+                        "feed_forward": ("intermediate.dense", "output.dense"), "layernorm": ("LayerNorm",)},
+             "lora_targets": ["query", "value"]},
+    "llama": {"groups": {"embeddings": ("embed_tokens",), "attention": ("self_attn",), "feed_forward": ("mlp",),
+                         "layernorm": ("layernorm", "norm.weight")},
+              "lora_targets": ["q_proj", "v_proj"]},
+}
 LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
 STATISTICS = {"fisher": {"examples": 64}, "gram": {"examples": 256}}  # what Fisher and RegMean fuse with
-# family: (peft section, client lr). full: everything trains and is sent (task arithmetic, TIES, DARE);
-# frozen: R-MTLLMF's fine-tuning with the embeddings kept home; lora: LoRA r=8 on query/value.
-FAMILIES = {
-    "full": ({"method": "full", "global_patterns": ["*"]}, 2e-5),
-    "frozen": ({"method": "full", "global_patterns": ["*"], "frozen_patterns": ["embeddings"]}, 2e-5),
-    "lora": ({"method": "lora", "r": 8, "alpha": 16, "fuse_lora_as": "weight_delta"}, 5e-4),
-}
+FAMILIES = ("full", "frozen", "lora")
 
 
-def experiment(tasks: list[str], family: str, steps: int, max_test: int, model: str = "minilm") -> object:
+def architecture(model: str) -> dict:
+    """The model's entry in ARCHITECTURES, by the model_type of its config."""
+    from transformers import AutoConfig
+
+    from fedllm.workloads.classification.models import model_source
+
+    kind = AutoConfig.from_pretrained(model_source(model)).model_type
+    if kind not in ARCHITECTURES:
+        raise SystemExit(f"--model {model}: architecture {kind!r} has no group patterns here; add it to ARCHITECTURES "
+                         f"(known: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[kind]
+
+
+def family_peft(family: str, arch: dict) -> tuple[dict, float]:
+    """(peft section, client lr). full: everything trains and is sent (task arithmetic, TIES, DARE);
+    frozen: R-MTLLMF's fine-tuning with the embeddings kept home; lora: LoRA r=8 on the attention's
+    query and value projections."""
+    return {
+        "full": ({"method": "full", "global_patterns": ["*"]}, 2e-5),
+        "frozen": ({"method": "full", "global_patterns": ["*"], "frozen_patterns": list(arch["groups"]["embeddings"])},
+                   2e-5),
+        "lora": ({"method": "lora", "r": 8, "alpha": 16, "fuse_lora_as": "weight_delta",
+                  "target_modules": arch["lora_targets"]}, 5e-4),
+    }[family]
+
+
+def experiment(tasks: list[str], family: str, steps: int, max_test: int, model: str = "minilm",
+               validation: int = 100) -> object:
     real = all((SHARED / t / "train.jsonl").is_file() for t in tasks)
     specs = [{"name": t, "source": "local", "path": str(SHARED / t)} if real else {"name": t} for t in tasks]
-    peft, lr = FAMILIES[family]
+    peft, lr = family_peft(family, architecture(model))
     return config_from_dict({
         "model": {"name": model, "max_length": 64, "head": "label_embedding", "temperature": 0.05},
         "peft": peft,
         "data": {"tasks": specs, "partition": "task", "max_train_per_task": 2000, "max_test_per_task": max_test,
-                 "validation_per_task": 100},
+                 "validation_per_task": validation},
         "client": {"lr": lr, "batch_size": 16, "max_steps": steps},
         "strategy": {"name": "task_arithmetic"}, "rounds": 1, "seed": 0,
     })
@@ -193,8 +226,7 @@ class Fusion:
         return sum(accs) / len(accs)
 
 
-def group_mask(layout: Layout, patterns: str | tuple[str, ...]) -> torch.Tensor:
-    patterns = patterns if isinstance(patterns, tuple) else (patterns,)
+def group_mask(layout: Layout, patterns: tuple[str, ...]) -> torch.Tensor:
     return torch.cat([torch.full((size,), any(p in name for p in patterns))
                       for name, size in zip(layout.names, layout.sizes)])
 
@@ -218,8 +250,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--receiver", choices=["zf", "lmmse"], default="zf", help="mimo_mac receiver")
     parser.add_argument("--powers", type=float, nargs="+", help="jammer powers in dB")
     parser.add_argument("--tasks", nargs="+", help="task names (default: the 8 shared tasks, else embedded ones)")
-    parser.add_argument("--model", default="minilm", help="'minilm' or 'tiny-bert' (a smoke run of this script)")
+    parser.add_argument("--model", default="minilm", help="'minilm', 'smollm2-135m', a local folder, or 'tiny-bert' "
+                        "(a smoke run of this script)")
     parser.add_argument("--max-test", type=int, default=None, help="test examples per task")
+    parser.add_argument("--validation", type=int, default=100, help="validation examples per task (the lambda "
+                        "search scores each of 10 lambdas on them)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="task-vector families to fine-tune: full, frozen (R-MTLLMF), lora")
+    parser.add_argument("--methods", nargs="+", help="only these rows (e.g. 'task arithmetic' TIES R-MTLLMF); "
+                        "zero-shot and individual always run")
+    parser.add_argument("--skip", nargs="+", choices=["jammed", "wd", "sensitivity"], default=[],
+                        help="sections to leave out (2: jammer sweeps, 3: WD error vs MSE, 4: per-group noise)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
     parser.add_argument("--adamerging-steps", type=int, default=30, help="Adam steps of AdaMerging's coefficients")
     parser.add_argument("--no-statistics", action="store_true", help="skip Fisher and RegMean (their client "
@@ -238,18 +279,21 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     print(f"tasks: {tasks} ({'../shared/data' if real else 'embedded'}), {steps} steps each", flush=True)
     results: dict = {"tasks": tasks, "steps": steps, "data": "shared" if real else "embedded", "seed": 0,
-                     "receiver": args.receiver}
+                     "receiver": args.receiver, "model": args.model}
 
+    groups = architecture(args.model)["groups"]
+    if "full" not in args.families:
+        raise SystemExit("--families must include full (the baselines, the WD sweep and the sensitivity study use it)")
     families = {}
-    for name in FAMILIES:
-        cfg = experiment(tasks, name, steps, max_test, args.model)
+    for name in args.families:
+        cfg = experiment(tasks, name, steps, max_test, args.model, args.validation)
         workload = Classification(cfg)
         bundle = workload.build_model()
         taus = task_vectors(cfg, bundle, workload.suite, cache)
         stats = (task_statistics(cfg, workload, bundle, taus, STATISTICS, cache)
                  if name == "full" and not args.no_statistics else None)
         families[name] = Fusion(cfg, workload, bundle, taus, stats)
-    full, frozen, lora = families["full"], families["frozen"], families["lora"]
+    full, frozen, lora = families["full"], families.get("frozen"), families.get("lora")
     mimo_base = {"kind": "mimo_mac", "nt": max(1, 16 // len(tasks)), "receiver": args.receiver}
     # R-MTLLMF: 5-shot realignment, 20 steps (LayerNorms and biases; with LoRA, the factors, folded in)
     rmtllmf = {"shots": 5, "realign_steps": 20, "realign_lr": 1e-4, "realign_scope": "norms_biases"}
@@ -259,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
                "task arithmetic, LoRA B@A": (lora, "task_arithmetic", {}),
                "AdaMerging (layer-wise)": (full, "adamerging", adamerging),
                "R-MTLLMF + layer-wise coefficients": (frozen, "rmtllmf", rmtllmf_layers)}
+    wanted = (lambda name: True) if not args.methods else (lambda name: name in args.methods)
+    methods = {k: v for k, v in methods.items() if v[0] is not None and wanted(k)}
 
     # 1. ideal channel
     ideal = {name: fam.received(None) for name, fam in families.items()}
@@ -282,22 +328,26 @@ def main(argv: list[str] | None = None) -> None:
             "task arithmetic, LoRA factors summed": lambda: lora.score(lora.merge(ideal["lora"], "task_arithmetic",
                                                                                   as_factors=True, label="lora-factors")),
             "TIES, LoRA B@A": lambda: lora.score(lora.merge(ideal["lora"], "ties", k=0.2, label="lora-ties"))}
-    needs_statistics = {"Fisher", "RegMean"}
-    table = {name: make() for name, make in rows.items() if not (args.no_statistics and name in needs_statistics)}
+    needs = {"Fisher": full.stat_rows, "RegMean": full.stat_rows, **{k: frozen for k in rows if "R-MTLLMF" in k},
+             **{k: lora for k in rows if "LoRA" in k}}  # rows that need statistics or another family
+    always = {"zero-shot", "individual", "individual, LoRA"}
+    table = {name: make() for name, make in rows.items()
+             if (name in always or wanted(name)) and (name not in needs or needs[name])}
     results["ideal"] = table
     d = full.batch.shape[1]
     stat_values = {name: rows.shape[1] for name, rows in full.stat_rows.items()}
     results["uplink_bytes"] = {"task vector, all layers (task arithmetic, TIES, DARE, Breadcrumbs, AdaMerging)": 4 * d,
                                **{f"task vector + {name} (its rule)": 4 * (d + n) for name, n in stat_values.items()},
-                               "task vector, embeddings kept home (R-MTLLMF)": 4 * frozen.batch.shape[1],
-                               "LoRA r=8 factors": 4 * lora.batch.shape[1]}
+                               **({"task vector, embeddings kept home (R-MTLLMF)": 4 * frozen.batch.shape[1]}
+                                  if frozen else {}),
+                               **({"LoRA r=8 factors": 4 * lora.batch.shape[1]} if lora else {})}
     results["server_seconds"] = {k: statistics.median(v) for fam in families.values() for k, v in fam.timings.items()}
     results["cosine_similarity"] = full.cosine_similarity()
     print("ideal channel:", {k: round(v.get("normalized_accuracy", float("nan")), 4) for k, v in table.items()}, flush=True)
 
     # 2. jammed MIMO uplink
     jammed = []
-    for jammer in ("worst_case", "strongest_user"):
+    for jammer in ("worst_case", "strongest_user") if "jammed" not in args.skip else ():
         for power in powers:
             channel = {**mimo_base, "jammer": jammer, "jammer_power_db": power}
             for name, (fam, rule, params) in methods.items():
@@ -310,11 +360,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {jammer} {power:>4} dB {name:26s} rel.MSE {rel_mse:9.3f} "
                       f"norm.acc {scores['normalized_accuracy']:.4f} WD {scores['wd_error']:.4f}", flush=True)
     results["jammed"] = jammed
-    results["target"] = target_check(results)
+    if jammed and {"task arithmetic", "R-MTLLMF"} <= set(methods):
+        results["target"] = target_check(results)
 
     # 3. WD error vs MSE (fixed lambda, so the search does not hide the noise)
     wd = []
-    for snr in ([-40.0, -20.0, 0.0, 20.0] if args.quick else [-50.0, -40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0]):
+    snrs = [-40.0, -20.0, 0.0, 20.0] if args.quick else [-50.0, -40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0]
+    for snr in snrs if "wd" not in args.skip else ():
         got = full.received({"kind": "awgn", "snr_db": snr, "power_normalisation": "payload"})
         rel_mse = got.relative_mse
         scores = full.score(apply_update(full.theta0, got.rows.sum(0), full.layout, 0.3))
@@ -322,30 +374,38 @@ def main(argv: list[str] | None = None) -> None:
                    "normalized_accuracy": scores["normalized_accuracy"]})
         print(f"  AWGN {snr:>5} dB rel.MSE {rel_mse:.3g} WD {scores['wd_error']:.4f}", flush=True)
     ta = [r for r in jammed if r["method"] == "task arithmetic"]
-    results["wd_vs_mse"] = {"points": wd, **slope_tests([w["relative_mse"] for w in wd], [w["wd_error"] for w in wd]),
-                            "jammed": slope_tests([r["relative_mse"] for r in ta], [r["wd_error"] for r in ta])}
-    print("WD error vs MSE:", results["wd_vs_mse"], flush=True)
+    if wd:
+        results["wd_vs_mse"] = {"points": wd, **slope_tests([w["relative_mse"] for w in wd], [w["wd_error"] for w in wd]),
+                                **({"jammed": slope_tests([r["relative_mse"] for r in ta], [r["wd_error"] for r in ta])}
+                                   if len(ta) > 2 else {})}
+        print("WD error vs MSE:", results["wd_vs_mse"], flush=True)
 
     # 4. per-group sensitivity: noise of the same per-value MSE on one group of the fused model
-    fused = full.batch.sum(0)
-    base = apply_update(full.theta0, fused, full.layout, 0.3)
-    base_flat = flatten(base, full.layout)
-    sens = []
-    g = torch.Generator().manual_seed(0)
-    for sigma in ([0.03, 0.1] if args.quick else [0.01, 0.03, 0.1]):
-        for group, patterns in GROUPS.items():
-            mask = group_mask(full.layout, patterns)
-            noisy = base_flat + mask * torch.randn(base_flat.shape, generator=g) * sigma
-            scores = full.score({**full.theta0, **unflatten(noisy, full.layout)})
-            sens.append({"group": group, "sigma": sigma, "values": int(mask.sum()),
-                         "normalized_accuracy": scores["normalized_accuracy"]})
-            print(f"  noise std {sigma} on {group}: norm.acc {scores['normalized_accuracy']:.4f}", flush=True)
-    results["sensitivity"] = {"clean": full.score(base)["normalized_accuracy"], "rows": sens}
+    if "sensitivity" not in args.skip:
+        results["sensitivity"] = sensitivity(full, groups, [0.03, 0.1] if args.quick else [0.01, 0.03, 0.1])
     results["seconds"] = time.perf_counter() - started
 
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     write_outputs(results, args.out)
     print(f"results in {args.out} ({results['seconds'] / 60:.0f} min)")
+
+
+def sensitivity(full: Fusion, groups: dict[str, tuple[str, ...]], sigmas: list[float]) -> dict:
+    """Normalised accuracy of the fused model (lambda 0.3) with Gaussian noise of std ``sigma`` per
+    value on one group of tensors at a time."""
+    base = apply_update(full.theta0, full.batch.sum(0), full.layout, 0.3)
+    base_flat = flatten(base, full.layout)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for sigma in sigmas:
+        for group, patterns in groups.items():
+            mask = group_mask(full.layout, patterns)
+            noisy = base_flat + mask * torch.randn(base_flat.shape, generator=g) * sigma
+            scores = full.score({**full.theta0, **unflatten(noisy, full.layout)})
+            rows.append({"group": group, "sigma": sigma, "values": int(mask.sum()),
+                         "normalized_accuracy": scores["normalized_accuracy"]})
+            print(f"  noise std {sigma} on {group}: norm.acc {scores['normalized_accuracy']:.4f}", flush=True)
+    return {"clean": full.score(base)["normalized_accuracy"], "rows": rows}
 
 
 def target_check(results: dict) -> dict:
@@ -364,33 +424,13 @@ def target_check(results: dict) -> dict:
 
 
 def write_outputs(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nan = float("nan")
+    """table.md and the PNG plots of whichever sections ran."""
     lines = [f"Tasks: {', '.join(results['tasks'])} ({results['data']} data), {results['steps']} fine-tuning steps "
-             f"each, seed {results['seed']}; mimo_mac receiver {results['receiver']}.", "",
-             "| method (ideal channel) | accuracy | normalised accuracy |", "| --- | --- | --- |"]
-    for name, sc in results["ideal"].items():
-        lines.append(f"| {name} | {sc.get('accuracy', nan):.4f} | {sc.get('normalized_accuracy', nan):.4f} |")
-    powers = sorted({r["power_db"] for r in results["jammed"]})
-    methods = list(dict.fromkeys(r["method"] for r in results["jammed"]))
-    for jammer in ("worst_case", "strongest_user"):
-        rows = {(r["method"], r["power_db"]): r for r in results["jammed"] if r["jammer"] == jammer}
-        lines += ["", f"Jammer {jammer}: normalised accuracy (WD error) by jammer power (dB)", "",
-                  "| method | " + " | ".join(f"{p:.0f}" for p in powers) + " |", "| --- |" + " --- |" * len(powers)]
-        for m in methods:
-            lines.append(f"| {m} | " + " | ".join(f"{rows[(m, p)]['normalized_accuracy']:.4f} ({rows[(m, p)]['wd_error']:.3f})"
-                                               for p in powers) + " |")
-        lines.append("| relative MSE (all layers sent) | " + " | ".join(
-            f"{rows[('task arithmetic', p)]['relative_mse']:.3g}" for p in powers) + " |")
-        t = results["target"][jammer]
-        lines += ["", (f"Target: task arithmetic has lost half of its ideal normalised accuracy at {t['power_db']:.0f} dB, "
-                       f"where R-MTLLMF keeps {100 * t['rmtllmf_kept']:.1f}% of its own (goal >= 90%)."
-                       if t["power_db"] is not None else "Target: task arithmetic never loses half of its ideal "
-                       "normalised accuracy in this sweep.")]
+             f"each, seed {results['seed']}; model {results.get('model', 'minilm')}; mimo_mac receiver "
+             f"{results['receiver']}.", ""]
+    lines += ideal_lines(results)
+    if results["jammed"]:
+        lines += jammed_lines(results)
     if "uplink_bytes" in results:
         lines += ["", "Uplink per client (MB) and median server time per merge (s):", "",
                   "| what a client sends | MB |", "| --- | --- |"]
@@ -403,59 +443,119 @@ def write_outputs(results: dict, out: Path) -> None:
                   "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
         lines += [f"| {a} | " + " | ".join(f"{x:.3f}" for x in row) + " |"
                   for a, row in zip(names, results["cosine_similarity"])]
-    w = results["wd_vs_mse"]
-    lines += ["", "WD error vs relative channel MSE (AWGN sweep, lambda 0.3):", "",
-              "| SNR (dB) | relative MSE | WD error | normalised accuracy |", "| --- | --- | --- | --- |"]
+    if "wd_vs_mse" in results:
+        lines += wd_lines(results["wd_vs_mse"])
+    if "sensitivity" in results:
+        lines += sensitivity_lines(results["sensitivity"])
+    lines.append(f"\nWall time: {results['seconds'] / 60:.0f} min.")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_plots(results, out)
+
+
+def ideal_lines(results: dict) -> list[str]:
+    nan = float("nan")
+    lines = ["| method (ideal channel) | accuracy | normalised accuracy |", "| --- | --- | --- |"]
+    for name, sc in results["ideal"].items():
+        lines.append(f"| {name} | {sc.get('accuracy', nan):.4f} | {sc.get('normalized_accuracy', nan):.4f} |")
+    return lines
+
+
+def jammed_lines(results: dict) -> list[str]:
+    lines: list[str] = []
+    powers = sorted({r["power_db"] for r in results["jammed"]})
+    methods = list(dict.fromkeys(r["method"] for r in results["jammed"]))
+    for jammer in ("worst_case", "strongest_user"):
+        rows = {(r["method"], r["power_db"]): r for r in results["jammed"] if r["jammer"] == jammer}
+        lines += ["", f"Jammer {jammer}: normalised accuracy (WD error) by jammer power (dB)", "",
+                  "| method | " + " | ".join(f"{p:.0f}" for p in powers) + " |", "| --- |" + " --- |" * len(powers)]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(f"{rows[(m, p)]['normalized_accuracy']:.4f} ({rows[(m, p)]['wd_error']:.3f})"
+                                               for p in powers) + " |")
+        lines.append("| relative MSE (first method's payload) | " + " | ".join(
+            f"{rows[(methods[0], p)]['relative_mse']:.3g}" for p in powers) + " |")
+        t = results.get("target", {}).get(jammer)
+        if t is not None:
+            lines += ["", (f"Target: task arithmetic has lost half of its ideal normalised accuracy at {t['power_db']:.0f} "
+                           f"dB, where R-MTLLMF keeps {100 * t['rmtllmf_kept']:.1f}% of its own (goal >= 90%)."
+                           if t["power_db"] is not None else "Target: task arithmetic never loses half of its ideal "
+                           "normalised accuracy in this sweep.")]
+    return lines
+
+
+def wd_lines(w: dict) -> list[str]:
+    lines = ["", "WD error vs relative channel MSE (AWGN sweep, lambda 0.3):", "",
+             "| SNR (dB) | relative MSE | WD error | normalised accuracy |", "| --- | --- | --- | --- |"]
     lines += [f"| {p['snr_db']:.0f} | {p['relative_mse']:.3g} | {p['wd_error']:.4f} | {p['normalized_accuracy']:.4f} |"
               for p in w["points"]]
-    for label, test in (("AWGN sweep", w), ("jammed task arithmetic", w["jammed"])):
-        lines.append(f"\n{label}, {test['n']} points: Spearman rho = {test['spearman_rho']:.3f} "
-                     f"(p = {test['p_value']:.3g}); WD error rises {test['slope_per_decade']:.4f} per decade of MSE "
-                     f"(slope p = {test['slope_p_value']:.3g}).")
-    sens = results["sensitivity"]
+    for label, test in (("AWGN sweep", w), ("jammed task arithmetic", w.get("jammed"))):
+        if test is not None:
+            lines.append(f"\n{label}, {test['n']} points: Spearman rho = {test['spearman_rho']:.3f} "
+                         f"(p = {test['p_value']:.3g}); WD error rises {test['slope_per_decade']:.4f} per decade of "
+                         f"MSE (slope p = {test['slope_p_value']:.3g}).")
+    return lines
+
+
+def sensitivity_lines(sens: dict) -> list[str]:
     sigmas = sorted({r["sigma"] for r in sens["rows"]})
     groups = list(dict.fromkeys(r["group"] for r in sens["rows"]))
     cell = {(r["group"], r["sigma"]): r for r in sens["rows"]}
-    lines += ["", f"Sensitivity: normalised accuracy of the fused model (clean {sens['clean']:.4f}) when Gaussian noise "
-              "of the given std per value hits one group only", "",
-              "| group | values | " + " | ".join(f"std {s:g}" for s in sigmas) + " |", "| --- | --- |" + " --- |" * len(sigmas)]
+    lines = ["", f"Sensitivity: normalised accuracy of the fused model (clean {sens['clean']:.4f}) when Gaussian noise "
+             "of the given std per value hits one group only", "",
+             "| group | values | " + " | ".join(f"std {s:g}" for s in sigmas) + " |",
+             "| --- | --- |" + " --- |" * len(sigmas)]
     for g in groups:
         lines.append(f"| {g} | {cell[(g, sigmas[0])]['values']:,} | "
                      + " | ".join(f"{cell[(g, s)]['normalized_accuracy']:.4f}" for s in sigmas) + " |")
-    lines.append(f"\nWall time: {results['seconds'] / 60:.0f} min.")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    return lines
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, jammer in zip(axes, ("worst_case", "strongest_user")):
-        for method in methods:
-            pts = [r for r in results["jammed"] if r["jammer"] == jammer and r["method"] == method]
-            ax.plot([r["power_db"] for r in pts], [r["normalized_accuracy"] for r in pts], marker="o", label=method)
-        ax.set_title(f"jammer: {jammer} ({results['receiver']} receiver)")
-        ax.set_xlabel("jammer power (dB)")
+
+def write_plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if results["jammed"]:
+        methods = list(dict.fromkeys(r["method"] for r in results["jammed"]))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, jammer in zip(axes, ("worst_case", "strongest_user")):
+            for method in methods:
+                pts = [r for r in results["jammed"] if r["jammer"] == jammer and r["method"] == method]
+                ax.plot([r["power_db"] for r in pts], [r["normalized_accuracy"] for r in pts], marker="o", label=method)
+            ax.set_title(f"jammer: {jammer} ({results['receiver']} receiver)")
+            ax.set_xlabel("jammer power (dB)")
+            ax.set_ylabel("normalised accuracy")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "jammed.png", dpi=110)
+        plt.close(fig)
+    if "wd_vs_mse" in results:
+        w = results["wd_vs_mse"]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.semilogx([p["relative_mse"] for p in w["points"]], [p["wd_error"] for p in w["points"]], marker="o",
+                    label="AWGN")
+        ta = [r for r in results["jammed"] if r["method"] == "task arithmetic"]
+        if ta:
+            ax.semilogx([r["relative_mse"] for r in ta], [r["wd_error"] for r in ta], "s", label="jammed (task arithmetic)")
+        ax.set_xlabel("relative channel MSE")
+        ax.set_ylabel("WD error")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "wd_vs_mse.png", dpi=110)
+        plt.close(fig)
+    if "sensitivity" in results:
+        sens = results["sensitivity"]
+        sigmas = sorted({r["sigma"] for r in sens["rows"]})
+        cell = {(r["group"], r["sigma"]): r for r in sens["rows"]}
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for g in dict.fromkeys(r["group"] for r in sens["rows"]):
+            ax.semilogx(sigmas, [cell[(g, s)]["normalized_accuracy"] for s in sigmas], marker="o", label=g)
+        ax.set_xlabel("noise std per value")
         ax.set_ylabel("normalised accuracy")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "jammed.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.semilogx([p["relative_mse"] for p in w["points"]], [p["wd_error"] for p in w["points"]], marker="o", label="AWGN")
-    ta = [r for r in results["jammed"] if r["method"] == "task arithmetic"]
-    ax.semilogx([r["relative_mse"] for r in ta], [r["wd_error"] for r in ta], "s", label="jammed (task arithmetic)")
-    ax.set_xlabel("relative channel MSE")
-    ax.set_ylabel("WD error")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "wd_vs_mse.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for g in groups:
-        ax.semilogx(sigmas, [cell[(g, s)]["normalized_accuracy"] for s in sigmas], marker="o", label=g)
-    ax.set_xlabel("noise std per value")
-    ax.set_ylabel("normalised accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "sensitivity.png", dpi=110)
-    plt.close(fig)
+        fig.tight_layout()
+        fig.savefig(out / "sensitivity.png", dpi=110)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

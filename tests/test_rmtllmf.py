@@ -84,6 +84,52 @@ def test_norms_are_found_by_module_type_in_any_architecture():
         "norm.weight"}  # RMSNorm, no biases: the name rule of BERT found none of these
 
 
+def test_a_decoder_pools_its_last_real_token_and_an_encoder_its_mean():
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    from fedllm.core.encoders import decoder_only, last_token_pool, mean_pool
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])  # row 0 ends at position 1
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])  # left padding: both end at position 3
+    assert torch.equal(last_token_pool(hidden, right), torch.stack([hidden[0, 1], hidden[1, 3]]))
+    assert torch.equal(last_token_pool(hidden, left), hidden[:, 3])
+    assert torch.allclose(mean_pool(hidden, right)[0], hidden[0, :2].mean(0))
+    assert decoder_only(LlamaConfig()) and decoder_only(GPT2Config()) and not decoder_only(BertConfig())
+
+
+def test_label_embedding_head_on_a_decoder_scores_the_last_token(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    from fedllm.core.encoders import last_token_pool
+    from fedllm.core.store import embedded_model_dir
+
+    folder = tmp_path / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    def head_of(pooling: str):
+        cfg = load_config(None, [f"model.name={folder}", "model.head=label_embedding", "data.tasks=[topic]",
+                                 "peft.method=full", "peft.global_patterns=['*']", f"model.pooling={pooling}"])
+        module = Classification(cfg).build_model().model
+        while not hasattr(module, "label_embeddings"):
+            module = module.base_model if hasattr(module, "base_model") else module.model
+        return module, cfg
+
+    head, cfg = head_of("auto")
+    assert head.pooling == "last"
+    texts = ["a short one", "a somewhat longer sentence than that"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = head.encoder(**enc).last_hidden_state
+        expected = torch.nn.functional.normalize(last_token_pool(states, enc["attention_mask"]), dim=-1)
+        logits = head(**enc).logits
+    assert torch.allclose(logits, expected @ head.label_embeddings.T / cfg.model.temperature, atol=1e-5)
+    assert head_of("mean")[0].pooling == "mean"
+
+
 @pytest.mark.slow
 def test_two_task_one_round_fusion_under_a_jammed_channel(tmp_path):
     cfg = load_config(None, [*TINY_FUSION, "strategy.name=rmtllmf", "strategy.server_lr=auto",

@@ -65,3 +65,39 @@ def test_realignment_study_runs_every_setting_and_leaves_the_model_as_it_found_i
     assert [r["normalized_accuracy"] for r in at_60[:per_power]] == [r["normalized_accuracy"] for r in at_60[per_power:]]
     assert len({r["normalized_accuracy"] for r in rows}) > 1  # realignment changes the model
     assert "| R-MTLLMF | all | 2 |" in (tmp_path / "realign.md").read_text()
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_a_llama_model_with_its_own_module_names(tmp_path):
+    """SmolLM2 is a Llama: its embeddings are embed_tokens, its norms RMSNorms, LoRA goes on q_proj/v_proj.
+    A two-layer Llama folder with MiniLM's tokenizer stands in for it (same names, seconds to run)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    from fedllm.core.store import embedded_model_dir
+
+    folder = tmp_path / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tokenizer.save_pretrained(folder)
+    LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+                           pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
+    spec = importlib.util.spec_from_file_location("rmtllmf_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    bench.main(["--quick", "--model", str(folder), "--tasks", "topic", "question", "--steps", "3", "--max-test", "20",
+                "--validation", "8", "--families", "full", "frozen", "--methods", "task arithmetic", "R-MTLLMF",
+                "--powers", "60", "--skip", "wd", "--no-statistics", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == str(folder)
+    assert set(results["ideal"]) == {"zero-shot", "individual", "task arithmetic", "R-MTLLMF"}
+    assert {r["method"] for r in results["jammed"]} == {"task arithmetic", "R-MTLLMF"}
+    uplink = results["uplink_bytes"]
+    embed = tokenizer.vocab_size * 32  # R-MTLLMF keeps embed_tokens home, and nothing else
+    assert (uplink["task vector, all layers (task arithmetic, TIES, DARE, Breadcrumbs, AdaMerging)"]
+            - uplink["task vector, embeddings kept home (R-MTLLMF)"]) == 4 * embed
+    groups = {r["group"]: r["values"] for r in results["sensitivity"]["rows"]}
+    assert groups["embeddings"] == embed and groups["layernorm"] == 32 * (2 * 2 + 1)  # two RMSNorms a layer + final
+    assert groups["attention"] == 2 * (32 * 32 * 2 + 32 * 16 * 2)  # q, o: 32x32; k, v: one 16-wide KV head
+    table = (out / "table.md").read_text()
+    assert "WD error vs" not in table and "Sensitivity" in table and "Jammer worst_case" in table

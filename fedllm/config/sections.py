@@ -72,6 +72,10 @@ class ModelSection(_Section):
     head: Literal["linear", "label_embedding"] = "linear"
     label_template: str = "{label}"
     temperature: PositiveFloat = 0.05
+    # how the label-embedding head pools a sentence's token states: mean (encoders), last (the last
+    # non-pad token: a decoder's only state that has read the whole sentence), auto: last for
+    # decoder-only models (Llama, GPT-2, ...), mean otherwise
+    pooling: Literal["auto", "mean", "last"] = "auto"
     # float32, or mixed precision for forward passes (bf16 runs on CPU and GPU; fp16 needs CUDA);
     # fedllm/core/accelerator.py. Sent deltas are float32 either way.
     precision: Literal["float32", "bf16", "fp16"] = "float32"

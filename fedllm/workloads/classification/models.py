@@ -26,7 +26,7 @@ from transformers import logging as transformers_logging
 from fedllm.config import ExperimentConfig
 from fedllm.core.accelerator import check_precision, pick_device, prepare_quantized, quantized_loading
 from fedllm.core.bundle import BundleCache, ModelBundle, assemble_bundle
-from fedllm.core.encoders import embed_texts
+from fedllm.core.encoders import decoder_only, embed_texts
 from fedllm.core.errors import ConfigError
 from fedllm.core.model_store import resolve_model
 from fedllm.core.store import embedded_model_dir
@@ -95,8 +95,11 @@ def build_label_embedding_model(cfg: ExperimentConfig, label_names: list[str], s
     else:
         encoder = _load(name, AutoModel.from_pretrained)
     texts = [cfg.model.label_template.format(label=label) for label in label_names]
-    label_embeddings = embed_texts(encoder, load_tokenizer(name), texts)
-    return LabelEmbeddingClassifier(encoder, label_embeddings, cfg.model.temperature)
+    pooling = cfg.model.pooling
+    if pooling == "auto":
+        pooling = "last" if decoder_only(encoder.config) else "mean"
+    label_embeddings = embed_texts(encoder, load_tokenizer(name), texts, pooling=pooling)
+    return LabelEmbeddingClassifier(encoder, label_embeddings, cfg.model.temperature, pooling)
 
 
 def build_bundle(cfg: ExperimentConfig, label_names: list[str]) -> ModelBundle:
