@@ -97,6 +97,13 @@ def test_json_round_trip_and_digest():
     assert load_config(None, "rounds=5").digest() != cfg.digest()
 
 
+def test_keys_added_later_keep_older_runs_cache_keys():
+    # digests computed before model.pooling existed (commit aca1313): cached results of those runs stay found
+    assert load_config(None, []).digest() == "e33b20c46211"
+    assert load_config(None, ["model.head=label_embedding", "peft.method=full"]).digest() == "cac8d31ec0c3"
+    assert load_config(None, ["model.pooling=last"]).digest() != "e33b20c46211"
+
+
 def test_experiment_paths_resolve_against_the_app_folder(tmp_path, monkeypatch):
     from fedllm.apps.server_app import config_from_run_config
 

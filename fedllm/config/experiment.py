@@ -65,6 +65,7 @@ class ExperimentConfig(_Section):
                 data["strategy"].pop(key)
         for section, key, default in (("peft", "freeze_lora_a", False), ("peft", "ranks", None),  # added later
                                       ("model", "precision", "float32"), ("model", "quantization", "none"),
+                                      ("model", "pooling", "auto"),
                                       ("eval", "initial", True), ("client", "optimizer", "adamw")):
             if data[section].get(key) == default:
                 data[section].pop(key)
