@@ -525,12 +525,7 @@ def write_plots(results: dict, out: Path) -> None:
                 pts = [r for r in results["jammed"] if r["jammer"] == jammer and r["method"] == method]
                 ax.plot([r["power_db"] for r in pts], [r["normalized_accuracy"] for r in pts], marker="o", label=method)
             ax.set_title(f"jammer: {jammer} ({results['receiver']} receiver)")
-            ax.set_xlabel("jammer power (dB)")
-            ax.set_ylabel("normalised accuracy")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "jammed.png", dpi=110)
-        plt.close(fig)
+        _save(fig, axes, "jammer power (dB)", "normalised accuracy", out / "jammed.png")
     if "wd_vs_mse" in results:
         w = results["wd_vs_mse"]
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -539,12 +534,7 @@ def write_plots(results: dict, out: Path) -> None:
         ta = [r for r in results["jammed"] if r["method"] == "task arithmetic"]
         if ta:
             ax.semilogx([r["relative_mse"] for r in ta], [r["wd_error"] for r in ta], "s", label="jammed (task arithmetic)")
-        ax.set_xlabel("relative channel MSE")
-        ax.set_ylabel("WD error")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "wd_vs_mse.png", dpi=110)
-        plt.close(fig)
+        _save(fig, [ax], "relative channel MSE", "WD error", out / "wd_vs_mse.png")
     if "sensitivity" in results:
         sens = results["sensitivity"]
         sigmas = sorted({r["sigma"] for r in sens["rows"]})
@@ -552,12 +542,20 @@ def write_plots(results: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(5, 4))
         for g in dict.fromkeys(r["group"] for r in sens["rows"]):
             ax.semilogx(sigmas, [cell[(g, s)]["normalized_accuracy"] for s in sigmas], marker="o", label=g)
-        ax.set_xlabel("noise std per value")
-        ax.set_ylabel("normalised accuracy")
+        _save(fig, [ax], "noise std per value", "normalised accuracy", out / "sensitivity.png")
+
+
+
+def _save(fig, axes, xlabel: str, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "sensitivity.png", dpi=110)
-        plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
