@@ -1,4 +1,5 @@
-"""Pooled sentence embeddings (mean for encoders, last token for decoders), and the embedded MiniLM as a sentence encoder.
+"""Pooled sentence embeddings (mean for encoders, last token for decoders), and the embedded
+MiniLM as a sentence encoder.
 
 Used by the label-embedding classification head (label names embedded by the pretrained
 encoder) and by the MiniLM-based rewards of instruction tuning (similarity, tone).

@@ -56,7 +56,8 @@ def plan(paths: list[Path], extra_overrides: list[str] | None = None) -> list[Pl
         files += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
     if not files:
         raise ConfigError(f"no experiment YAML found in {', '.join(map(str, paths))}")
-    pinned = parse_overrides(list(extra_overrides or []))
+    extras = list(extra_overrides or [])
+    pinned = parse_overrides(extras)
     runs = []
     for path in files:
         raw = read_experiment_yaml(path)
@@ -68,7 +69,7 @@ def plan(paths: list[Path], extra_overrides: list[str] | None = None) -> list[Pl
             points = expand_sweep(free) if free else [{}]
         for point in points:
             try:
-                cfg = config_from_dict(raw, _override_items(point) + list(extra_overrides or []))
+                cfg = config_from_dict(raw, _override_items(point) + extras)
             except ConfigError as err:
                 raise ConfigError(f"{path}: {err}") from None
             runs.append(PlannedRun(path, point, cfg))

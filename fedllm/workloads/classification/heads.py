@@ -4,8 +4,8 @@ R-MTLLMF merges encoders fine-tuned on different tasks; a trained linear head pe
 merged too (or kept aside) and muddy the comparison. As CLIP's zero-shot text heads do for the
 paper's ViT, this head scores a sentence by the cosine similarity of its pooled embedding (mean, or
 a decoder's last token) to each label name's embedding (from the *pretrained* encoder, fixed), over
-a temperature. Only
-the encoder trains and travels, and the pretrained model already has a zero-shot accuracy.
+a temperature. Only the encoder trains and travels, and the pretrained model already has a
+zero-shot accuracy.
 """
 
 from __future__ import annotations
