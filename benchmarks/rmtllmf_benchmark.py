@@ -68,6 +68,7 @@ ARCHITECTURES = {
 LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
 STATISTICS = {"fisher": {"examples": 64}, "gram": {"examples": 256}}  # what Fisher and RegMean fuse with
 FAMILIES = ("full", "frozen", "lora")
+JAMMERS = ("worst_case", "strongest_user")  # where the jammer stands: against every user, or the strongest
 
 
 def architecture(model: str) -> dict:
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="task-vector families to fine-tune: full, frozen (R-MTLLMF), lora")
     parser.add_argument("--methods", nargs="+", help="only these rows (e.g. 'task arithmetic' TIES R-MTLLMF); "
                         "zero-shot and individual always run")
+    parser.add_argument("--jammers", nargs="+", choices=JAMMERS, default=list(JAMMERS),
+                        help="jammer placements of the sweep (section 2)")
     parser.add_argument("--skip", nargs="+", choices=["jammed", "wd", "sensitivity"], default=[],
                         help="sections to leave out (2: jammer sweeps, 3: WD error vs MSE, 4: per-group noise)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. jammed MIMO uplink
     jammed = []
-    for jammer in ("worst_case", "strongest_user") if "jammed" not in args.skip else ():
+    for jammer in args.jammers if "jammed" not in args.skip else ():
         for power in powers:
             channel = {**mimo_base, "jammer": jammer, "jammer_power_db": power}
             for name, (fam, rule, params) in methods.items():
@@ -466,7 +469,7 @@ def jammed_lines(results: dict) -> list[str]:
     lines: list[str] = []
     powers = sorted({r["power_db"] for r in results["jammed"]})
     methods = list(dict.fromkeys(r["method"] for r in results["jammed"]))
-    for jammer in ("worst_case", "strongest_user"):
+    for jammer in dict.fromkeys(r["jammer"] for r in results["jammed"]):
         rows = {(r["method"], r["power_db"]): r for r in results["jammed"] if r["jammer"] == jammer}
         lines += ["", f"Jammer {jammer}: normalised accuracy (WD error) by jammer power (dB)", "",
                   "| method | " + " | ".join(f"{p:.0f}" for p in powers) + " |", "| --- |" + " --- |" * len(powers)]
@@ -519,8 +522,10 @@ def write_plots(results: dict, out: Path) -> None:
 
     if results["jammed"]:
         methods = list(dict.fromkeys(r["method"] for r in results["jammed"]))
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, jammer in zip(axes, ("worst_case", "strongest_user")):
+        jammers = list(dict.fromkeys(r["jammer"] for r in results["jammed"]))
+        fig, axes = plt.subplots(1, len(jammers), figsize=(5 * len(jammers), 4), squeeze=False)
+        axes = list(axes[0])
+        for ax, jammer in zip(axes, jammers):
             for method in methods:
                 pts = [r for r in results["jammed"] if r["jammer"] == jammer and r["method"] == method]
                 ax.plot([r["power_db"] for r in pts], [r["normalized_accuracy"] for r in pts], marker="o", label=method)

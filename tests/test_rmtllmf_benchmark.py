@@ -87,11 +87,12 @@ def test_benchmark_runs_on_a_llama_model_with_its_own_module_names(tmp_path):
     out = tmp_path / "out"
     bench.main(["--quick", "--model", str(folder), "--tasks", "topic", "question", "--steps", "3", "--max-test", "20",
                 "--validation", "8", "--families", "full", "frozen", "--methods", "task arithmetic", "R-MTLLMF",
-                "--powers", "60", "--skip", "wd", "--no-statistics", "--out", str(out)])
+                "--powers", "60", "--jammers", "worst_case", "--skip", "wd", "--no-statistics", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == str(folder)
     assert set(results["ideal"]) == {"zero-shot", "individual", "task arithmetic", "R-MTLLMF"}
     assert {r["method"] for r in results["jammed"]} == {"task arithmetic", "R-MTLLMF"}
+    assert {r["jammer"] for r in results["jammed"]} == {"worst_case"}
     uplink = results["uplink_bytes"]
     embed = tokenizer.vocab_size * 32  # R-MTLLMF keeps embed_tokens home, and nothing else
     assert (uplink["task vector, all layers (task arithmetic, TIES, DARE, Breadcrumbs, AdaMerging)"]
@@ -101,3 +102,4 @@ def test_benchmark_runs_on_a_llama_model_with_its_own_module_names(tmp_path):
     assert groups["attention"] == 2 * (32 * 32 * 2 + 32 * 16 * 2)  # q, o: 32x32; k, v: one 16-wide KV head
     table = (out / "table.md").read_text()
     assert "WD error vs" not in table and "Sensitivity" in table and "Jammer worst_case" in table
+    assert "strongest_user" not in table and (out / "jammed.png").is_file()
