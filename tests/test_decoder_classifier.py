@@ -78,3 +78,28 @@ def test_target_patterns_that_match_nothing_name_the_models_layers(tiny_llama):
     bert_adapters = load_config(None, [*_overrides(tiny_llama), "peft.adapter_targets=[output.dense]"])
     with pytest.raises(ValueError, match=rf"peft.adapter_targets \['output.dense'\] match no linear layer .*{names}"):
         workload_for(bert_adapters).build_model()
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
+def test_predictions_batched_by_length_are_each_examples_own_unpadded_prediction(model, tiny_llama):
+    """predict() batches by text length; each prediction must still be the example's own, in the
+    examples' order, as a forward pass of that example alone (no padding at all) gives it."""
+    from fedllm.core.bundle import forward_logits
+    from fedllm.workloads.classification.metrics import predict
+
+    name, targets = (str(tiny_llama), "[q_proj, v_proj]") if model == "tiny-llama" else (model, "[query, value]")
+    workload = workload_for(load_config(None, [f"model.name={name}", "model.max_length=32", f"peft.target_modules={targets}",
+                                               "data.tasks=[sentiment, topic]", "data.max_test_per_task=24"]))
+    bundle = workload.build_model()
+    test = workload.test
+    lengths = {len(t) for t in test.texts}
+    assert len(lengths) > 5  # mixed lengths, so batching by length reorders them
+    preds, loss = predict(bundle, bundle.model, workload.suite, test, 7, 32)
+    bundle.model.eval()
+    with torch.no_grad():
+        alone = [forward_logits(bundle, bundle.model, [x], [t], workload.suite.label_ranges, 32)[0]
+                 for x, t in zip(test.texts, test.tasks)]
+    logits = torch.stack(alone)
+    assert preds.tolist() == logits.argmax(dim=-1).tolist()
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(test.labels), reduction="sum")
+    assert loss == pytest.approx(float(expected), rel=1e-4)

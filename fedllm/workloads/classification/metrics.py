@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from fedllm.core.bundle import ModelBundle, forward_logits
+from fedllm.core.bundle import CHARS_PER_TOKEN_BOUND, ModelBundle, forward_logits
 from fedllm.core.types import Examples
 from fedllm.core.vectors import set_tensors
 from fedllm.workloads.classification.data import TaskSuite
@@ -24,16 +24,31 @@ from fedllm.workloads.classification.data import TaskSuite
 @torch.no_grad()
 def predict(bundle: ModelBundle, model: torch.nn.Module, suite: TaskSuite, examples: Examples,
             batch_size: int, max_length: int) -> tuple[torch.Tensor, float]:
-    """Predicted joint labels of ``examples`` and the summed cross-entropy loss."""
+    """Predicted joint labels of ``examples`` (in their order) and the summed cross-entropy loss.
+    Batches are formed by token count, so each pads to about its own length instead of every row to
+    the longest of a mixed batch (padding changes no prediction: the attention mask hides it). On the
+    8 shared tasks' test sets with SmolLM2's tokenizer that is 1.98x fewer token positions (56k vs
+    112k); sorting by characters gives only 1.28x."""
     model.eval()
-    preds, loss_sum = [], 0.0
-    for start in range(0, len(examples), batch_size):
-        logits = forward_logits(bundle, model, examples.texts[start:start + batch_size],
-                                examples.tasks[start:start + batch_size], suite.label_ranges, max_length)
-        labels = torch.tensor(examples.labels[start:start + batch_size], device=logits.device)
+    preds = torch.zeros(len(examples), dtype=torch.long)
+    loss_sum = 0.0
+    lengths = token_counts(bundle, examples.texts, max_length)
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        logits = forward_logits(bundle, model, [examples.texts[i] for i in rows], [examples.tasks[i] for i in rows],
+                                suite.label_ranges, max_length)
+        labels = torch.tensor([examples.labels[i] for i in rows], device=logits.device)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        preds.append(logits.argmax(dim=-1).cpu())
-    return (torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)), loss_sum
+        preds[rows] = logits.argmax(dim=-1).cpu()
+    return preds, loss_sum
+
+
+def token_counts(bundle: ModelBundle, texts: list[str], max_length: int) -> list[int]:
+    """Tokens of each text after truncation (0.1-0.3 s for 2,400 short texts with a fast tokenizer; their
+    forward passes through a 135M model take minutes)."""
+    cut = [t[: max_length * CHARS_PER_TOKEN_BOUND] for t in texts]
+    return [len(ids) for ids in bundle.tokenizer(cut, truncation=True, max_length=max_length)["input_ids"]]
 
 
 def per_task_accuracy(preds: torch.Tensor, examples: Examples, suite: TaskSuite) -> dict[str, float]:
