@@ -27,12 +27,12 @@ def predict(bundle: ModelBundle, model: torch.nn.Module, suite: TaskSuite, examp
     """Predicted joint labels of ``examples`` (in their order) and the summed cross-entropy loss.
     Batches are formed by token count, so each pads to about its own length instead of every row to
     the longest of a mixed batch (padding changes no prediction: the attention mask hides it). On the
-    8 shared tasks' test sets with SmolLM2's tokenizer that is 1.98x fewer token positions (56k vs
-    112k); sorting by characters gives only 1.28x."""
+    8 shared tasks' test sets with SmolLM2's tokenizer that is 2.00x fewer token positions (55k vs
+    110k); sorting by characters gives only 1.33x (benchmarks/eval_batches.py)."""
     model.eval()
     preds = torch.zeros(len(examples), dtype=torch.long)
     loss_sum = 0.0
-    lengths = token_counts(bundle, examples.texts, max_length)
+    lengths = token_counts(bundle.tokenizer, examples.texts, max_length)
     order = sorted(range(len(examples)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -44,11 +44,11 @@ def predict(bundle: ModelBundle, model: torch.nn.Module, suite: TaskSuite, examp
     return preds, loss_sum
 
 
-def token_counts(bundle: ModelBundle, texts: list[str], max_length: int) -> list[int]:
+def token_counts(tokenizer, texts: list[str], max_length: int) -> list[int]:
     """Tokens of each text after truncation (0.1-0.3 s for 2,400 short texts with a fast tokenizer; their
     forward passes through a 135M model take minutes)."""
     cut = [t[: max_length * CHARS_PER_TOKEN_BOUND] for t in texts]
-    return [len(ids) for ids in bundle.tokenizer(cut, truncation=True, max_length=max_length)["input_ids"]]
+    return [len(ids) for ids in tokenizer(cut, truncation=True, max_length=max_length)["input_ids"]]
 
 
 def per_task_accuracy(preds: torch.Tensor, examples: Examples, suite: TaskSuite) -> dict[str, float]:
