@@ -6,8 +6,9 @@
 Sections (see each script's docstring): simulation overhead and quality at budget
 (overhead_quality.py; also GRPO on SmolLM2 and R-MTLLMF's full task vectors against the same steps in
 a plain loop), client cost and memory (client_cost.py), scaling in the number of
-clients (scaling.py), fusion throughput on 8 x 22.7M task vectors (fusion_throughput.py) and
-channel throughput (bench_channels.py). Results go to results/benchmarks/ (one JSON per
+clients (scaling.py), fusion throughput on 8 x 22.7M task vectors (fusion_throughput.py),
+channel throughput (bench_channels.py) and a loopback deployment's round against a simulated one
+(deployment_round.py). Results go to results/benchmarks/ (one JSON per
 script, summary.json and summary.md).
 """
 
@@ -42,6 +43,8 @@ PLANS = {
     "scaling": ("scaling", ["--sizes", "4", "16", "64", "128", "--rounds", "3"], ["--sizes", "4", "16", "64", "128"]),
     "fusion_throughput": ("fusion_throughput", ["--repeats", "2"], ["--repeats", "3"]),
     "bench_channels": ("bench_channels", ["--d", "4000000", "--repeats", "2"], []),
+    "deployment_round": ("deployment_round", ["--nodes", "2", "--rounds", "3", "--steps", "5"],
+                         ["--nodes", "4", "--rounds", "4", "--steps", "20"]),
 }
 
 
@@ -76,6 +79,10 @@ def summary_markdown(results: dict, seconds: dict) -> str:
                   "| channel | x floor |", "| --- | --- |"]
         lines += [f"| {r['channel']} {json.dumps(r['params'])} | {r['ratio_to_floor']:.2f} |" for r in ch["rows"]]
         lines.append("")
+    if "deployment_round" in results:
+        from deployment_round import markdown as dr
+
+        lines += ["## A deployment round against a simulated one (loopback)", "", dr(results["deployment_round"])]
     lines += ["Time per benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), ""]
     return "\n".join(lines)
 

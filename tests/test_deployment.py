@@ -82,8 +82,9 @@ class Loopback:
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "edge"\n\n[superlink.edge]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        # TMPDIR: the nodes' warm workers listen under this folder, so the orphan check at close sees them too
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+                    "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "TMPDIR": str(tmp_path)}
         self.results = tmp_path / "results"
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: list[Path] = []
