@@ -29,8 +29,9 @@ LATER = "later rounds (median)"
 
 
 def experiment(model: str, steps: int, rounds: int, nodes: int) -> dict:
+    """Each client has data for ``steps`` batches of 16 (100 examples are held out for validation)."""
     return {"model": {"name": model, "max_length": 32}, "peft": {"method": "lora", "r": 4},
-            "data": {"tasks": ["topic"], "max_train_per_task": 100 * nodes, "max_test_per_task": 100},
+            "data": {"tasks": ["topic"], "max_train_per_task": 100 + 16 * steps * nodes, "max_test_per_task": 100},
             "client": {"lr": 0.003, "max_steps": steps}, "rounds": rounds, "strategy": {"min_clients": nodes}}
 
 
@@ -53,6 +54,9 @@ def deployed(exp: dict, nodes: int, tmp: Path, warm: bool = True) -> list[dict]:
 
     tmp.mkdir(parents=True)
     deployment = Loopback(tmp, database=":flwr-in-memory:")
+    # one torch thread per node, as Ray gives each simulated client: N nodes x 2 threads on 2 shared cores
+    # spin against each other (a real device has its cores to itself)
+    deployment.env["OMP_NUM_THREADS"] = "1"
     try:
         for i in range(nodes):
             deployment.supernode(f"supernode{i}", f"partition-id={i} num-partitions={nodes}"
