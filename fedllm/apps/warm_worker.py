@@ -75,28 +75,30 @@ def _records_to_bytes(records: RecordDict) -> bytes:
     return recorddict_to_proto(records).SerializeToString()
 
 
-def _records_from_bytes(data: bytes) -> RecordDict:
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
-
-
 def _context_to_bytes(context: Context) -> bytes:
     from flwr.common.serde import context_to_proto
 
     return context_to_proto(context).SerializeToString()
 
 
+def _parse(data: bytes, proto_type: type, from_proto):
+    proto = proto_type()
+    proto.ParseFromString(data)
+    return from_proto(proto)
+
+
+def _records_from_bytes(data: bytes) -> RecordDict:
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    return _parse(data, ProtoRecordDict, recorddict_from_proto)
+
+
 def _context_from_bytes(data: bytes) -> Context:
     from flwr.common.serde import context_from_proto
     from flwr.proto.message_pb2 import Context as ProtoContext
 
-    proto = ProtoContext()
-    proto.ParseFromString(data)
-    return context_from_proto(proto)
+    return _parse(data, ProtoContext, context_from_proto)
 
 
 # --- the ClientApp's side ---
