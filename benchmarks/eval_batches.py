@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TASKS = ["sst2", "subj", "cr", "mpqa", "trec", "banking77", "ag_news", "emotion"]
+from rmtllmf_benchmark import REAL_TASKS as TASKS
+from rmtllmf_benchmark import SHARED  # the same 8 test sets as the R-MTLLMF benchmark
 
 
 def positions(lengths: list[int], order: list[int], batch_size: int) -> int:
@@ -56,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
           f"batches of {args.batch_size}")
     base = positions(lengths, orders["as listed"], args.batch_size)
     for name, order in orders.items():
-        line = f"  {name:20s} {positions(lengths, order, args.batch_size):>9,} positions ({base / positions(lengths, order, args.batch_size):.2f}x fewer)"
+        computed = positions(lengths, order, args.batch_size)
+        line = f"  {name:20s} {computed:>9,} positions ({base / computed:.2f}x fewer)"
         if args.time:
             bundle.model.eval()
             started = time.perf_counter()
