@@ -46,6 +46,7 @@ def test_a_round_in_the_warm_worker_is_the_round_the_clientapp_would_do(private_
                              "peft.local_patterns=['value.lora_']"])
     content = round_content(_global(cfg).initial_global, cfg.to_json(), 1, 0)
     warm, here = _context(), _context()
+    node_state = warm.state  # the object Flower holds: updated in place, not replaced
     for rnd in (1, 2):  # the second round starts from the state the first left (local LoRA, rounds seen)
         got = warm_worker.run_in_worker("train", content, warm, program=PROGRAM)
         expected = train_round(content, here)
@@ -58,7 +59,7 @@ def test_a_round_in_the_warm_worker_is_the_round_the_clientapp_would_do(private_
         assert metrics["local_rounds"] == own_metrics["local_rounds"] == rnd
         assert metrics["train_loss"] == pytest.approx(own_metrics["train_loss"], rel=1e-4)
         assert set(warm.state.keys()) == set(here.state.keys())
-        assert warm.state.config_records[ROUNDS_STATE]["n"] == rnd
+        assert warm.state is node_state and node_state.config_records[ROUNDS_STATE]["n"] == rnd
     # one worker served both rounds: the same process, still listening
     pid_files = list(private_tmp.rglob("*.pid"))
     assert len(pid_files) == 1 and warm_worker._alive(int(pid_files[0].read_text()))

@@ -133,27 +133,38 @@ def _connect(path: Path) -> socket.socket | None:
 
 
 def ensure_worker(path: Path, idle: float, parent: int | None = None, wait: bool = True) -> socket.socket | None:
-    """A connection to the worker at ``path``, starting the worker if none runs for it (one start at a
-    time: a lock beside the socket; the started worker's pid beside it too, so a worker still starting
-    is waited for, not started twice). ``wait=False`` starts it and returns None at once (the node's
-    first message, so the worker imports while the server evaluates round 0)."""
+    """A connection to the worker at ``path``, starting the worker if none runs for it. ``wait=False``
+    starts it and returns None at once (the node's first message, so the worker imports while the
+    server evaluates round 0)."""
     sock = _connect(path)
-    if sock is not None or not wait and _starting(path):
-        if sock is not None and not wait:
-            sock.close()
-        return sock if wait else None
+    if sock is None:
+        sock = _start_unless_running(path, idle, os.getppid() if parent is None else parent)
+    if sock is None and wait:
+        sock = _wait_for(path)
+    if not wait and sock is not None:
+        sock.close()
+        return None
+    return sock
+
+
+def _start_unless_running(path: Path, idle: float, parent: int) -> socket.socket | None:
+    """Start a worker for ``path`` unless one listens (its connection is returned) or is still starting.
+    One start at a time: a lock beside the socket; the started worker's pid beside it, so a worker that
+    does not listen yet is waited for, not started twice."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         sock = _connect(path)
         if sock is None and not _starting(path):
             path.unlink(missing_ok=True)  # a dead worker's socket
-            worker = start_worker(path, idle, os.getppid() if parent is None else parent)
+            worker = start_worker(path, idle, parent)
             path.with_suffix(".pid").write_text(str(worker.pid))
-    if not wait:
-        if sock is not None:
-            sock.close()
-        return None
+        return sock
+
+
+def _wait_for(path: Path) -> socket.socket | None:
+    """The started worker's connection once it listens; None if it dies or takes over START_SECONDS."""
     deadline = time.monotonic() + START_SECONDS
+    sock = _connect(path)
     while sock is None and time.monotonic() < deadline and _starting(path):
         time.sleep(0.05)
         sock = _connect(path)
@@ -218,7 +229,8 @@ def call(sock: socket.socket, kind: str, content: RecordDict, context: Context) 
     if status != b"ok":
         raise RuntimeError(f"client {kind} failed in the warm worker:\n{rest[0].decode()}")
     reply, state = _records_from_bytes(rest[0]), _records_from_bytes(rest[1])
-    context.state = state
+    context.state.clear()  # in place: whoever holds the node's state object sees the worker's update
+    context.state.update(state)
     return reply
 
 
