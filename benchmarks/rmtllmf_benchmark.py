@@ -171,6 +171,7 @@ class Fusion:
 
     def __init__(self, cfg, workload: Classification, bundle, taus: dict[int, dict[str, torch.Tensor]],
                  stats: dict[int, dict[str, dict[str, torch.Tensor]]] | None = None) -> None:
+        """Takes the task vectors out of ``taus`` into one stack (the dict is left empty)."""
         self.cfg, self.workload, self.bundle, self.suite = cfg, workload, bundle, workload.suite
         pipeline = FusionPipeline(cfg, workload, bundle)
         self.stat_rows = {}  # statistic -> (tasks x values), each task's in its own layout
@@ -180,12 +181,17 @@ class Fusion:
         self.timings: dict[str, list[float]] = {}  # method -> server seconds per merge
         self.sent_layout, self.layout = pipeline.layout, pipeline.fusion_layout
         self.to_fusion_space = pipeline.to_fusion_space
-        self.batch = torch.stack([flatten(taus[t], self.sent_layout) for t in sorted(taus)])
+        order = sorted(taus)
+        self.batch = torch.empty(len(order), self.sent_layout.numel)
+        for i, t in enumerate(order):  # each task's tensors freed once in the stack (8 SmolLM2 vectors: 4.3 GB)
+            flatten(taus.pop(t), self.sent_layout, out=self.batch[i])
         self.theta0 = pipeline.initial_global()
         self.test = workload.test
         in_fusion_space = self.to_fusion_space(self.batch)
-        individual = {t: apply_update(self.theta0, in_fusion_space[i], self.layout, 1.0) for i, t in enumerate(sorted(taus))}
-        self.own = individual_predictions(bundle, self.suite, self.test, individual, 64, cfg.model.max_length)
+        self.own = {}
+        for i, t in enumerate(order):  # one task's own model at a time
+            individual = {t: apply_update(self.theta0, in_fusion_space[i], self.layout, 1.0)}
+            self.own.update(individual_predictions(bundle, self.suite, self.test, individual, 64, cfg.model.max_length))
 
     def received(self, channel: dict | None, seed: int = 0) -> Received:
         """What the server gets of the task vectors and of the clients' statistics (after them, over

@@ -36,27 +36,32 @@ class TiesParams(RuleParams):
     k: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector's entries kept")
 
 
-def trim_top_k(deltas: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep each row's ``k`` fraction of largest-magnitude entries, zero the rest. The threshold is
-    the smallest of the row's top-k magnitudes (topk: 1.0 s on 8 x 22.7M, kthvalue: 1.5 s)."""
-    d = deltas.shape[1]
+def top_k_thresholds(deltas: torch.Tensor, k: float) -> torch.Tensor:
+    """Per row, the smallest of its ``k`` fraction of largest magnitudes (entries at or above it are
+    kept). Row by row: the magnitudes of the whole stack would be one more stack-sized copy (4.3 GB
+    for 8 SmolLM2 task vectors). topk rather than kthvalue: 1.0 s vs 1.5 s on 8 x 22.7M."""
+    n, d = deltas.shape
     keep = max(1, int(round(k * d)))
     if keep >= d:
-        return deltas.clone()
-    magnitude = deltas.abs()
-    threshold = magnitude.topk(keep, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    return deltas * (magnitude >= threshold)
+        return deltas.new_zeros(n, 1)
+    return torch.stack([row.abs().topk(keep, sorted=False).values.amin() for row in deltas]).unsqueeze(1)
 
 
 @FUSION_RULES.register("ties")
 class Ties(FusionRule):
     Params = TiesParams
+    CHUNK = 1 << 22  # coordinates per step: the trim, the sign election and the mean are per coordinate
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        trimmed = trim_top_k(deltas, self.params.k)
-        sign = trimmed.sum(dim=0).sign_()  # elected sign per coordinate
-        agree = (trimmed * sign) > 0  # kept and of the elected sign
-        return torch.where(agree, trimmed, 0.0).sum(dim=0) / agree.sum(dim=0).clamp_min_(1)
+        thresholds = top_k_thresholds(deltas, self.params.k)
+        out = deltas.new_empty(deltas.shape[1])
+        for start in range(0, deltas.shape[1], self.CHUNK):
+            block = deltas[:, start:start + self.CHUNK]
+            trimmed = block * (block.abs() >= thresholds)
+            sign = trimmed.sum(dim=0).sign_()  # elected sign per coordinate
+            agree = (trimmed * sign) > 0  # kept and of the elected sign
+            out[start:start + self.CHUNK] = torch.where(agree, trimmed, 0.0).sum(dim=0) / agree.sum(dim=0).clamp_min_(1)
+        return out
 
 
 class DareParams(RuleParams):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from fedllm.strategies import build_rule
+from fedllm.strategies import FUSION_RULES, build_rule
 
 
 def test_fedavg_is_the_example_weighted_mean():
@@ -73,10 +73,14 @@ def test_dare_equals_pefts_dare_linear_with_a_shared_mask(monkeypatch):
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_ties_equals_pefts_merge_utils():
-    """fedllm's TIES against PEFT's (peft.utils.merge_utils.ties, PEFT 0.21) on the same vectors."""
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_ties_equals_pefts_merge_utils(chunk, monkeypatch):
+    """fedllm's TIES against PEFT's (peft.utils.merge_utils.ties, PEFT 0.21) on the same vectors,
+    also when fedllm merges the coordinates in chunks (64 does not divide 1000: a ragged last one)."""
     from peft.utils.merge_utils import ties
 
+    if chunk:
+        monkeypatch.setattr(FUSION_RULES.get("ties"), "CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     deltas = torch.randn(4, 1000, generator=g) + torch.tensor([0.3, -0.2, 0.0, 0.1])[:, None]
     for density in (0.2, 0.5, 1.0):
