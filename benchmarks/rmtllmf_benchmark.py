@@ -201,7 +201,8 @@ class Fusion:
         link = build_channel(channel["kind"], {k: v for k, v in channel.items() if k != "kind"}, seed)
         out, report = link.transmit(self.batch, meta)
         stats = {name: link.transmit(rows, meta)[0] for name, rows in self.stat_rows.items()}
-        return Received(out, report, float((report.mse / self.batch.pow(2).mean(dim=1)).mean()), stats)
+        power = torch.linalg.vector_norm(self.batch, dim=1).pow(2) / self.batch.shape[1]  # batch.pow(2): a stack-sized copy
+        return Received(out, report, float((report.mse / power).mean()), stats)
 
     def merge(self, received: Received, rule: str, as_factors: bool = False, label: str | None = None,
               **params) -> dict[str, torch.Tensor]:

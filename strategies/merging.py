@@ -22,7 +22,7 @@ from fedllm.core.errors import ConfigError
 from fedllm.core.vectors import Tensors
 
 from .adamerging import AdaMergingParams, learn_coefficients
-from .base import FUSION_RULES, FusionRule, MergeContext, RuleParams
+from .base import FUSION_RULES, FusionRule, MergeContext, RuleParams, by_column_blocks
 from .realign import realign, realign_parameters
 
 
@@ -50,18 +50,18 @@ def top_k_thresholds(deltas: torch.Tensor, k: float) -> torch.Tensor:
 @FUSION_RULES.register("ties")
 class Ties(FusionRule):
     Params = TiesParams
-    CHUNK = 1 << 22  # coordinates per step: the trim, the sign election and the mean are per coordinate
+    CHUNK = 1 << 16  # columns per block: the trim, the sign election and the mean are per coordinate
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         thresholds = top_k_thresholds(deltas, self.params.k)
-        out = deltas.new_empty(deltas.shape[1])
-        for start in range(0, deltas.shape[1], self.CHUNK):
-            block = deltas[:, start:start + self.CHUNK]
+
+        def disjoint_mean(block: torch.Tensor) -> torch.Tensor:
             trimmed = block * (block.abs() >= thresholds)
             sign = trimmed.sum(dim=0).sign_()  # elected sign per coordinate
             agree = (trimmed * sign) > 0  # kept and of the elected sign
-            out[start:start + self.CHUNK] = torch.where(agree, trimmed, 0.0).sum(dim=0) / agree.sum(dim=0).clamp_min_(1)
-        return out
+            return torch.where(agree, trimmed, 0.0).sum(dim=0) / agree.sum(dim=0).clamp_min_(1)
+
+        return by_column_blocks(deltas, disjoint_mean, self.CHUNK)
 
 
 class DareParams(RuleParams):
