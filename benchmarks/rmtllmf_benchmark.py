@@ -43,6 +43,7 @@ from fedllm.channels import ChannelReport, ClientMeta, build_channel  # noqa: E4
 from fedllm.clients import TRAINERS, TrainContext  # noqa: E402
 
 from fedllm.config import config_from_dict  # noqa: E402
+from fedllm.core.memory import release_free_memory  # noqa: E402
 from fedllm.core.vectors import Layout, flatten, get_tensors, set_tensors, subtract, unflatten  # noqa: E402
 from fedllm.fusion.pipeline import FusionPipeline, apply_update  # noqa: E402
 from fedllm.strategies import statistic_layouts  # noqa: E402
@@ -227,6 +228,7 @@ class Fusion:
     def score(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         set_tensors(self.bundle.model, params)
         preds, loss_sum = predict(self.bundle, self.bundle.model, self.suite, self.test, 64, self.cfg.model.max_length)
+        release_free_memory()  # what the merge and the scoring freed: SmolLM2's next stack-sized step needs it
         return {**fusion_scores(preds, self.own, self.test, self.suite),
                 **task_scores(preds, loss_sum, self.test, self.suite)}
 

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from fedllm.core.bundle import ModelBundle
+from fedllm.core.memory import release_free_memory
 
 Scope = Literal["transmitted", "norms_biases"]
 
@@ -44,19 +45,32 @@ def normalisation_parameter_names(model: torch.nn.Module) -> set[str]:
 
 def realign(model: torch.nn.Module, params: list[torch.nn.Parameter], loss: Callable[[], torch.Tensor], *,
             steps: int, lr: float, seed: int) -> tuple[float, float]:
-    """Train ``params`` of ``model`` in place on ``loss``; returns the loss before and after."""
+    """Train ``params`` of ``model`` in place on ``loss``; returns the loss before and after. Only
+    ``params`` take gradients meanwhile: the backward pass then skips every other weight's gradient
+    (on SmolLM2, 106M values of gradient and a third of the backward's work for a few thousand
+    RMSNorm weights) and leaves no stale ``.grad`` on the model."""
     if not params:
         raise ValueError("realignment selects no tensor of the transmitted group")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    torch.manual_seed(seed)
-    model.eval()  # no dropout: with a handful of examples, noise in the steps matters more than regularisation
-    with torch.no_grad():
-        before = float(loss())
-    for _ in range(steps):
-        value = loss()
+    flags = {p: p.requires_grad for p in model.parameters()}
+    trained = set(params)
+    for p in flags:
+        p.requires_grad_(p in trained)
+    try:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        torch.manual_seed(seed)
+        model.eval()  # no dropout: with a handful of examples, noise in the steps matters more than regularisation
+        with torch.no_grad():
+            before = float(loss())
+        for _ in range(steps):
+            value = loss()
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-    with torch.no_grad():
-        after = float(loss())
+        with torch.no_grad():
+            after = float(loss())
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        release_free_memory()  # the backward passes' activations, freed inside the heap
     return before, after

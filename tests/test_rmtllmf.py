@@ -70,6 +70,35 @@ def test_realignment_lowers_the_few_shot_loss():
     assert a2 < b2
 
 
+def test_realignment_trains_only_its_tensors_and_leaves_the_model_as_it_was():
+    """The same steps as a plain AdamW loop in which every tensor takes gradients (only the chosen
+    ones stepped); afterwards no gradient is left on the model and every requires_grad is as before."""
+    workload = Classification(load_config(None, TINY_FUSION))
+    shots = workload.few_shot(5, seed=0)
+    ours, reference = workload.build_model(), workload.build_model()
+    flags = {n: p.requires_grad for n, p in ours.model.named_parameters()}
+    assert any(flags.values()) and not all(flags.values())  # the embeddings are frozen
+    realign(ours.model, realign_parameters(ours, "norms_biases"), lambda: workload.few_shot_loss(ours, shots),
+            steps=5, lr=1e-2, seed=0)
+    chosen = realign_parameters(reference, "norms_biases")
+    optimizer = torch.optim.AdamW(chosen, lr=1e-2, weight_decay=0.0)
+    reference.model.eval()
+    for p in reference.model.parameters():
+        p.requires_grad_(True)
+    for _ in range(5):
+        loss = workload.few_shot_loss(reference, shots)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    initial, moved = workload.build_model().model, 0
+    for (name, mine), theirs in zip(ours.model.named_parameters(), reference.model.parameters()):
+        assert torch.allclose(mine, theirs, atol=1e-6), name
+        moved += not torch.equal(mine, initial.get_parameter(name))
+    assert moved == len(chosen)
+    assert {n: p.requires_grad for n, p in ours.model.named_parameters()} == flags
+    assert all(p.grad is None for p in ours.model.parameters())
+
+
 def test_norms_are_found_by_module_type_in_any_architecture():
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
