@@ -103,3 +103,17 @@ def test_benchmark_runs_on_a_llama_model_with_its_own_module_names(tmp_path):
     table = (out / "table.md").read_text()
     assert "WD error vs" not in table and "Sensitivity" in table and "Jammer worst_case" in table
     assert "strongest_user" not in table and (out / "jammed.png").is_file()
+
+
+def test_cosine_matrix_from_column_blocks_equals_the_whole_rows_in_float64():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("rmtllmf_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    rows[1] = -2 * rows[0] + 0.01 * rows[1]  # nearly opposite to row 0
+    unit = torch.nn.functional.normalize(rows.double(), dim=1)
+    blocks = bench.cosine_matrix(rows, block=64)  # 64 does not divide 1000: a ragged last block
+    assert torch.allclose(blocks, unit @ unit.T, atol=1e-12)
+    assert blocks[0, 1] < -0.99
