@@ -5,8 +5,10 @@
 
 Each rule runs ``--repeats`` times on the same (clients x dim) float32 tensor (seeded normal
 entries); reported: min and median seconds, the ratio of the median to the median of
-``deltas.sum(0)`` measured in the same run (machines are noisy, ratios less so), and the input
-throughput in GB/s. 22,713,216 is the parameter count of all-MiniLM-L6-v2 (full fine-tuning).
+``deltas.sum(0)`` measured in the same run (machines are noisy, ratios less so), the input
+throughput in GB/s, and the memory a call adds at its peak beyond the stack (its result included;
+Linux only: the peak is reset through /proc/self/clear_refs before each rule). 22,713,216 is the
+parameter count of all-MiniLM-L6-v2 (full fine-tuning), 134,515,008 SmolLM2-135M's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,23 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(key + ":"))
+
+
+def peak_extra_mb(fn) -> float | None:
+    """Resident MB that ``fn()`` adds at its peak (None where the peak cannot be reset)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM, the peak resident set, to the current one
+        before = _status_mb("VmRSS")
+    except (OSError, StopIteration):
+        return None
+    fn()
+    return _status_mb("VmHWM") - before
+
+
 def measure(clients: int, dim: int, repeats: int, rules: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     deltas = torch.randn(clients, dim, generator=g)
@@ -44,16 +63,18 @@ def measure(clients: int, dim: int, repeats: int, rules: list[str] | None = None
         rule = build_rule(name, {}, seed=0)
         t = timed(lambda: rule(deltas, weights), repeats)
         rows.append({"rule": name, "min_s": min(t), "median_s": statistics.median(t),
-                     "ratio": statistics.median(t) / statistics.median(base), "gb_per_s": gb / statistics.median(t)})
+                     "ratio": statistics.median(t) / statistics.median(base), "gb_per_s": gb / statistics.median(t),
+                     "peak_extra_mb": peak_extra_mb(lambda: rule(deltas, weights))})
     return {"clients": clients, "dim": dim, "repeats": repeats, "threads": torch.get_num_threads(), "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Fusion of {result['clients']} x {result['dim']:,} float32 ({result['threads']} threads), "
-             f"median of {result['repeats']}:", "", "| rule | min (s) | median (s) | x torch sum | GB/s |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['rule']} | {r['min_s']:.3f} | {r['median_s']:.3f} | {r['ratio']:.1f} | {r['gb_per_s']:.2f} |"
-              for r in result["rows"]]
+    stack_mb = result["clients"] * result["dim"] * 4 / 2**20
+    lines = [f"Fusion of {result['clients']} x {result['dim']:,} float32 ({stack_mb:,.0f} MB; {result['threads']} "
+             f"threads), median of {result['repeats']}; peak: memory added beyond the stack:", "",
+             "| rule | min (s) | median (s) | x torch sum | GB/s | peak (MB) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['rule']} | {r['min_s']:.3f} | {r['median_s']:.3f} | {r['ratio']:.1f} | {r['gb_per_s']:.2f} | "
+              f"{'' if r.get('peak_extra_mb') is None else format(r['peak_extra_mb'], ',.0f')} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -62,9 +83,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--dim", type=int, default=22_713_216)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rules", nargs="+", choices=RULES, help="only these rules (default: all)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/fusion_throughput.json"))
     args = parser.parse_args()
-    result = measure(args.clients, args.dim, args.repeats)
+    result = measure(args.clients, args.dim, args.repeats, args.rules)
     save_and_print(result, args.out, markdown(result))
 
 
