@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from _runs import save_and_print
+from fedllm.core.memory import reset_peak, resident_mb
 from fedllm.strategies import build_rule
 
 RULES = ["fedavg", "task_arithmetic", "ties", "dare", "median", "trimmed_mean", "norm_clip"]
@@ -34,21 +35,12 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(key + ":"))
-
-
 def peak_extra_mb(fn) -> float | None:
-    """Resident MB that ``fn()`` adds at its peak (None where the peak cannot be reset)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # resets VmHWM, the peak resident set, to the current one
-        before = _status_mb("VmRSS")
-    except (OSError, StopIteration):
-        return None
+    """Resident MB that one more call of ``fn`` adds at its peak, after the timed ones (one call: over
+    the repeats the heap's retained free memory would count too); None where the peak cannot be reset."""
+    before = resident_mb() if reset_peak() else None
     fn()
-    return _status_mb("VmHWM") - before
+    return None if before is None else resident_mb("VmHWM") - before
 
 
 def measure(clients: int, dim: int, repeats: int, rules: list[str] | None = None) -> dict:

@@ -186,6 +186,8 @@ class Fusion:
         self.batch = torch.empty(len(order), self.sent_layout.numel)
         for i, t in enumerate(order):  # each task's tensors freed once in the stack (8 SmolLM2 vectors: 4.3 GB)
             flatten(taus.pop(t), self.sent_layout, out=self.batch[i])
+        # each task vector's mean power, the relative MSE's denominator (batch.pow(2): a stack-sized copy)
+        self.power = torch.linalg.vector_norm(self.batch, dim=1).pow(2) / self.batch.shape[1]
         self.theta0 = pipeline.initial_global()
         self.test = workload.test
         in_fusion_space = self.to_fusion_space(self.batch)
@@ -202,8 +204,7 @@ class Fusion:
         link = build_channel(channel["kind"], {k: v for k, v in channel.items() if k != "kind"}, seed)
         out, report = link.transmit(self.batch, meta)
         stats = {name: link.transmit(rows, meta)[0] for name, rows in self.stat_rows.items()}
-        power = torch.linalg.vector_norm(self.batch, dim=1).pow(2) / self.batch.shape[1]  # batch.pow(2): a stack-sized copy
-        return Received(out, report, float((report.mse / power).mean()), stats)
+        return Received(out, report, float((report.mse / self.power).mean()), stats)
 
     def merge(self, received: Received, rule: str, as_factors: bool = False, label: str | None = None,
               **params) -> dict[str, torch.Tensor]:

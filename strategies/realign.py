@@ -47,8 +47,8 @@ def realign(model: torch.nn.Module, params: list[torch.nn.Parameter], loss: Call
             steps: int, lr: float, seed: int) -> tuple[float, float]:
     """Train ``params`` of ``model`` in place on ``loss``; returns the loss before and after. Only
     ``params`` take gradients meanwhile: the backward pass then skips every other weight's gradient
-    (on SmolLM2, 106M values of gradient and a third of the backward's work for a few thousand
-    RMSNorm weights) and leaves no stale ``.grad`` on the model."""
+    (on SmolLM2, 106M values of gradient for a few thousand RMSNorm weights: 2 steps on 40 shots
+    took 27.7 s instead of 34.5 s) and leaves no stale ``.grad`` on the model."""
     if not params:
         raise ValueError("realignment selects no tensor of the transmitted group")
     flags = {p: p.requires_grad for p in model.parameters()}

@@ -3,8 +3,8 @@
 glibc keeps memory freed in the middle of its heap for later allocations. After a backward pass
 (R-MTLLMF's realignment: thousands of activation tensors of a few MB each) or a merge of a stack
 of 135M-value task vectors, gigabytes stay resident although nothing uses them, and the next
-stack-sized step then runs out of memory on a 24 GB machine (measured: 1.9 GB left behind by 20
-realignment steps of SmolLM2; the 8-task SmolLM2 benchmark was killed). ``malloc_trim`` releases
+stack-sized step then runs out of memory on a 24 GB machine (measured: 1.9 GB left behind by 2
+realignment steps of SmolLM2 on 40 shots; the 8-task SmolLM2 benchmark was killed). ``malloc_trim`` releases
 them; elsewhere (macOS, musl) there is nothing to do.
 """
 
@@ -25,6 +25,26 @@ def _malloc_trim():
     except OSError:
         return None
     return getattr(libc, "malloc_trim", None)
+
+
+def resident_mb(field: str = "VmRSS") -> float | None:
+    """This process's resident memory from /proc/self/status: now (``VmRSS``) or its peak since the
+    start or the last :func:`reset_peak` (``VmHWM``); None where there is no /proc (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def reset_peak() -> bool:
+    """Set the peak resident memory (``VmHWM``) to the current one, so a step's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def release_free_memory() -> bool:
