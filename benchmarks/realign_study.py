@@ -11,7 +11,12 @@ model on labelled shots it holds, and every setting is scored against the tasks'
   the whole model, embeddings included (``all``: a server-side study only; the embeddings stay on
   the clients, so this model could not be sent back as it is);
 - steps and learning rate: 20 at 1e-4 (the default), 100 at 1e-4, 100 at 1e-3;
-- R-MTLLMF with layer-wise AdaMerging coefficients before realigning.
+- R-MTLLMF with layer-wise AdaMerging coefficients before realigning;
+- the floor of it all: the uplink discarded (lambda 0: the pretrained model) and the whole model
+  trained on the same shots, i.e. what the server's shots give without any client's task vector.
+
+``--settings 20:1e-4 100:1e-3`` and ``--scopes`` cut the grid to a budget (every setting is a
+merge, a lambda search and a test pass over the 8 tasks: 1-2 min each with MiniLM on 2 cores).
 
     python benchmarks/realign_study.py --out results/benchmarks/rmtllmf          # reuses its cache
     python benchmarks/realign_study.py --quick --out /tmp/rs                        # 3 tasks, short
@@ -40,11 +45,23 @@ from fedllm.strategies.realign import realign  # noqa: E402
 from fedllm.workloads.classification import Classification  # noqa: E402
 
 SETTINGS = [(20, 1e-4), (100, 1e-4), (100, 1e-3)]  # (steps, learning rate)
+SCOPES = ("norms_biases", "transmitted", "all")
 
 
-def realign_all(fam, received, shots: int, steps: int, lr: float) -> dict[str, torch.Tensor]:
-    """Task arithmetic with its lambda search, then every parameter of the model realigned."""
-    merged = fam.merge(received, "rmtllmf", label="rmtllmf-all", shots=shots, realign_steps=0)
+def setting(text: str) -> tuple[int, float]:
+    """``STEPS:LR`` (e.g. ``100:1e-3``) as (steps, learning rate)."""
+    try:
+        steps, lr = text.split(":")
+        return int(steps), float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--settings wants STEPS:LR, e.g. 100:1e-3, not {text!r}") from None
+
+
+def realign_all(fam, received, shots: int, steps: int, lr: float, discard: bool = False) -> dict[str, torch.Tensor]:
+    """Task arithmetic with its lambda search (``discard``: lambda 0, the pretrained model), then every
+    parameter of the model realigned."""
+    merged = fam.merge(received, "rmtllmf", label="rmtllmf-all", shots=shots, realign_steps=0,
+                       **({"lr_grid": [0.0]} if discard else {}))
     model = fam.bundle.model
     set_tensors(model, merged)
     examples = fam.workload.few_shot(shots, 0)
@@ -70,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--powers", type=float, nargs="+", default=[40.0, 50.0], help="worst-case jammer powers (dB)")
     parser.add_argument("--shots", type=int, nargs="+", default=None)
     parser.add_argument("--receiver", choices=["zf", "lmmse"], default="zf")
+    parser.add_argument("--settings", nargs="+", type=setting, default=None,
+                        help="realignment steps:learning rate pairs (default 20:1e-4 100:1e-4 100:1e-3)")
+    parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -79,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (60 if args.quick else 150)
     max_test = args.max_test or (200 if args.quick else 300)
     shots_list = args.shots or ([5, 20] if args.quick else [5, 20, 100])
-    settings = SETTINGS[:1] if args.quick else SETTINGS
+    settings = args.settings or (SETTINGS[:1] if args.quick else SETTINGS)
     cache = args.out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -109,15 +129,17 @@ def main(argv: list[str] | None = None) -> None:
                lambda: fam.merge(received, "rmtllmf", label="no-realign", realign_steps=0))
         for shots in shots_list:
             for steps_, lr in settings:
-                for scope in ("norms_biases", "transmitted"):
-                    record(power, "R-MTLLMF", scope, shots, steps_, lr, lambda: fam.merge(
-                        received, "rmtllmf", label=f"rmtllmf-{scope}", shots=shots, realign_steps=steps_,
-                        realign_lr=lr, realign_scope=scope))
-                record(power, "R-MTLLMF", "all", shots, steps_, lr,
-                       lambda: realign_all(fam, received, shots, steps_, lr))
+                for scope in args.scopes:
+                    record(power, "R-MTLLMF", scope, shots, steps_, lr, lambda: (
+                        realign_all(fam, received, shots, steps_, lr) if scope == "all" else fam.merge(
+                            received, "rmtllmf", label=f"rmtllmf-{scope}", shots=shots, realign_steps=steps_,
+                            realign_lr=lr, realign_scope=scope)))
             record(power, "R-MTLLMF + layer-wise coefficients", "norms_biases", shots, 20, 1e-4, lambda: fam.merge(
                 received, "rmtllmf", label="rmtllmf-layers", shots=shots, realign_steps=20, realign_lr=1e-4,
                 coefficients="layer", coefficient_steps=30))
+            steps_, lr = settings[-1]
+            record(power, "uplink discarded (pretrained model) + realignment", "all", shots, steps_, lr,
+                   lambda: realign_all(fam, received, shots, steps_, lr, discard=True))
     out = {"tasks": tasks, "steps": steps, "receiver": args.receiver, "rows": rows,
            "seconds": time.perf_counter() - started}
     (args.out / "realign.json").write_text(json.dumps(out, indent=2))

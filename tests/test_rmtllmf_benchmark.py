@@ -58,13 +58,15 @@ def test_realignment_study_runs_every_setting_and_leaves_the_model_as_it_found_i
     study.main(["--quick", "--model", "tiny-bert", "--tasks", "topic", "question", "--steps", "5", "--max-test", "40",
                 "--powers", "60", "60", "--shots", "2", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "realign.json").read_text())["rows"]
-    per_power = 1 + 3 + 1  # no realignment, three scopes, layer-wise coefficients
+    per_power = 1 + 3 + 1 + 1  # no realignment, three scopes, layer-wise coefficients, uplink discarded
     assert len(rows) == 3 * per_power
     # the same jammer twice: the second pass follows the first's whole-model realignment, and must not see it
     at_60 = [r for r in rows if r["power_db"] == 60.0]
     assert [r["normalized_accuracy"] for r in at_60[:per_power]] == [r["normalized_accuracy"] for r in at_60[per_power:]]
     assert len({r["normalized_accuracy"] for r in rows}) > 1  # realignment changes the model
     assert "| R-MTLLMF | all | 2 |" in (tmp_path / "realign.md").read_text()
+    discarded = [r for r in rows if r["method"].startswith("uplink discarded")]
+    assert len({r["normalized_accuracy"] for r in discarded}) == 1  # lambda 0: the same model whatever the jammer did
 
 
 @pytest.mark.slow
