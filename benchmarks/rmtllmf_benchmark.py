@@ -323,10 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     # R-MTLLMF: 5-shot realignment, 20 steps (LayerNorms and biases; with LoRA, the factors, folded in)
     rmtllmf = {"shots": 5, "realign_steps": 20, "realign_lr": 1e-4, "realign_scope": "norms_biases"}
     adamerging = {"granularity": "layer", "steps": args.adamerging_steps, "lr": 0.01}
+    # jam-aware: coefficients learnt on R-MTLLMF's labelled shots, fast enough to reach 0 in a few steps
+    # (a jammed model can be confidently wrong, so low entropy does not mean a good merge)
+    adamerging_labelled = {**adamerging, "objective": "labelled", "lr": 0.05, "examples": 5}
     rmtllmf_layers = {**rmtllmf, "coefficients": "layer", "coefficient_steps": args.adamerging_steps}
     methods = {"task arithmetic": (full, "task_arithmetic", {}), "R-MTLLMF": (frozen, "rmtllmf", rmtllmf),
                "task arithmetic, LoRA B@A": (lora, "task_arithmetic", {}),
                "AdaMerging (layer-wise)": (full, "adamerging", adamerging),
+               "AdaMerging (layer-wise, labelled shots)": (full, "adamerging", adamerging_labelled),
                "R-MTLLMF + layer-wise coefficients": (frozen, "rmtllmf", rmtllmf_layers)}
     wanted = (lambda name: True) if not args.methods else (lambda name: name in args.methods)
     methods = {k: v for k, v in methods.items() if v[0] is not None and wanted(k)}
@@ -344,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
             "AdaMerging (task-wise)": lambda: full.score(full.merge(ideal["full"], "adamerging", label="adamerging-task",
                                                                     **{**adamerging, "granularity": "task"})),
             "AdaMerging (layer-wise)": lambda: full.score(full.merge(ideal["full"], "adamerging", **adamerging)),
+            "AdaMerging (layer-wise, labelled shots)": lambda: full.score(full.merge(
+                ideal["full"], "adamerging", label="adamerging-labelled", **adamerging_labelled)),
             "R-MTLLMF": lambda: frozen.score(frozen.merge(ideal["frozen"], "rmtllmf", **rmtllmf)),
             "R-MTLLMF + layer-wise coefficients": lambda: frozen.score(frozen.merge(
                 ideal["frozen"], "rmtllmf", label="rmtllmf-layers", **rmtllmf_layers)),
