@@ -13,7 +13,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedllm.apps import prewarm, warm_worker
+from fedllm.apps import warm_worker
 from fedllm.apps.wire import METRICS
 
 app = ClientApp()
@@ -33,7 +33,6 @@ def partition_of(context: Context, config: dict) -> tuple[int, int]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    prewarm.wait()
     reply = warm_worker.run_in_worker("train", msg.content, context)
     if reply is None:
         from fedllm.apps.client_round import train_round
@@ -44,7 +43,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    prewarm.wait()
     reply = warm_worker.run_in_worker("evaluate", msg.content, context)
     if reply is None:
         from fedllm.apps.client_round import evaluate_round
@@ -56,10 +54,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this client is across runs: its data partition (a device with its own data has none). The
-    node's first message, so it also starts the node's warm worker (fedllm/apps/warm_worker.py), or in
-    a simulation prepares the first round while the server evaluates round 0 (fedllm/apps/prewarm.py)."""
+    node's first message, so it also starts the node's warm worker (fedllm/apps/warm_worker.py)."""
     warm_worker.prestart(context)
-    prewarm.start(msg.content, context)
     pid = context.node_config.get("partition-id")
     facts = ({"partition": int(pid), "partitions": int(context.node_config.get("num-partitions", 0))}
              if pid is not None else {})

@@ -56,10 +56,8 @@ def check_same_code(config: dict) -> None:
                           "install); start it from the submitted app, or reinstall")
 
 
-def prepare_client(config: dict, context: Context) -> ClientRound:
-    """Everything a round needs that its message's tensors do not change: the experiment, this
-    client's partition, its model (built once per process) and data; also run ahead of the first round
-    in a simulation's worker (fedllm/apps/prewarm.py)."""
+def _prepare(content: RecordDict, context: Context) -> ClientRound:
+    config = dict(content.config_records[CONFIG])
     check_same_code(config)
     partition_id, num_partitions = partition_of(context, config)
     cfg = config_from_json(str(config["experiment"]))
@@ -69,13 +67,8 @@ def prepare_client(config: dict, context: Context) -> ClientRound:
     workload = workload_for(cfg)
     bundle = workload.cached_model()
     data = workload.client_data(partition_id, num_partitions, context.node_config)
+    _restore(bundle, content, context)
     return ClientRound(cfg, workload, bundle, data, int(config.get("round", 0)), partition_id, num_partitions, rank)
-
-
-def _prepare(content: RecordDict, context: Context) -> ClientRound:
-    job = prepare_client(dict(content.config_records[CONFIG]), context)
-    _restore(job.bundle, content, context)
-    return job
 
 
 def _restore(bundle: ModelBundle, content: RecordDict, context: Context) -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedllm.apps.console import done_line, round_line, start_line
 from fedllm.apps.nodes import Nodes
-from fedllm.apps.payload import CONFIG, config_record, round_content
+from fedllm.apps.payload import round_content
 from fedllm.apps.replies import Replies, gather
 from fedllm.apps.run_record import run_summary, training_record
 from fedllm.apps.sampling import sample_clients
@@ -35,10 +35,7 @@ class FederatedRun:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None] = print,
                  resume: Path | None = None, results_root: Path | None = None) -> None:
         self.cfg, self.echo = cfg, echo
-        self.config_json = cfg.to_json()
-        # holds the Grid (set later for a prepared run); the identity query carries the experiment
-        self.nodes = Nodes(grid, cfg.strategy.round_timeout,
-                           RecordDict({CONFIG: config_record(self.config_json, 0, cfg.data.num_clients or 0)}))
+        self.nodes = Nodes(grid, cfg.strategy.round_timeout)  # holds the Grid (set later for a prepared run)
         if resume is None:  # an unusable results folder is an error now, not after the model is built
             check_results_dir(cfg, results_root)
         self.workload = workload_for(cfg)
@@ -52,6 +49,7 @@ class FederatedRun:
         self.down_bytes = 4 * (sum(t.numel() for t in self.global_params.values())
                                + sum(t.numel() for d in self.pipeline.downlink().values() for t in d.values()))
         self.rng = random.Random(cfg.seed)
+        self.config_json = cfg.to_json()
         self.totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "elapsed": 0.0}
         self.next_round = 1
         self.stopped: str | None = None  # why the run ended before its last round, if it did

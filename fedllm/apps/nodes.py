@@ -20,10 +20,8 @@ log = logging.getLogger("fedllm")
 
 
 class Nodes:
-    def __init__(self, grid: Grid, reply_timeout: float | None, query: RecordDict | None = None) -> None:
-        """``query``: what the identity query carries besides asking (the experiment, so that a
-        simulation's worker prepares its first round while it waits: fedllm/apps/prewarm.py)."""
-        self.grid, self.reply_timeout, self.query = grid, reply_timeout, query
+    def __init__(self, grid: Grid, reply_timeout: float | None) -> None:
+        self.grid, self.reply_timeout = grid, reply_timeout
         self.identities: dict[int, str] = {}  # node id -> run-stable identity ("p3", or "n<node id>")
         self.declared_partitions = 0  # how many partitions the nodes say the data is split into
 
@@ -35,8 +33,7 @@ class Nodes:
         unknown = [n for n in nodes if n not in self.identities]
         if not unknown:
             return
-        messages = [Message(self.query if self.query is not None else RecordDict(), dst_node_id=n,
-                            message_type=MessageType.QUERY) for n in unknown]
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
             if reply.has_error():
                 continue

@@ -22,17 +22,13 @@ from fedllm.core.vectors import Layout, all_finite, flatten
 from fedllm.apps.wire import CONFIG, DELTA, DOWN, GLOBAL, METRICS, NUM_EXAMPLES, RAY_NODE  # noqa: F401 (re-exported)
 
 
-def config_record(config_json: str, server_round: int, num_partitions: int) -> ConfigRecord:
-    """The experiment, the round and the partition count, with the code the server runs (a client
-    refuses other code: fedllm/apps/client_round.py)."""
-    return ConfigRecord({"experiment": config_json, "round": server_round, "num-partitions": num_partitions,
-                         "code": code_fingerprint(), "code-location": code_location()})
-
-
 def round_content(global_params: dict[str, torch.Tensor], config_json: str, server_round: int,
                   num_partitions: int, downlink: dict[str, dict[str, torch.Tensor]] | None = None) -> RecordDict:
-    content = RecordDict({GLOBAL: ArrayRecord(torch_state_dict=global_params),
-                          CONFIG: config_record(config_json, server_round, num_partitions)})
+    content = RecordDict({
+        GLOBAL: ArrayRecord(torch_state_dict=global_params),
+        CONFIG: ConfigRecord({"experiment": config_json, "round": server_round, "num-partitions": num_partitions,
+                              "code": code_fingerprint(), "code-location": code_location()}),
+    })
     for name, tensors in (downlink or {}).items():
         content[DOWN + name] = ArrayRecord(torch_state_dict=tensors)
     return content
