@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="+", type=setting, default=None,
                         help="realignment steps:learning rate pairs (default 20:1e-4 100:1e-4 100:1e-3)")
     parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
+    parser.add_argument("--no-ideal", dest="ideal", action="store_false", help="only the jammed powers")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {'ideal' if power is None else f'{power:.0f} dB':>6} {label:34s} {scope:13s} shots {shots:>3} steps {steps_:>3} lr {lr:g}: "
               f"norm.acc {scores['normalized_accuracy']:.4f}", flush=True)
 
-    for power in [None, *args.powers]:
+    for power in [None, *args.powers] if args.ideal else args.powers:
         channel = None if power is None else {"kind": "mimo_mac", "nt": max(1, 16 // len(tasks)),
                                               "receiver": args.receiver, "jammer": "worst_case",
                                               "jammer_power_db": power}

@@ -68,6 +68,15 @@ def test_realignment_study_runs_every_setting_and_leaves_the_model_as_it_found_i
     assert "| R-MTLLMF | all | 2 |" in (tmp_path / "realign.md").read_text()
     discarded = [r for r in rows if r["method"].startswith("uplink discarded")]
     assert len({r["normalized_accuracy"] for r in discarded}) == 1  # lambda 0: the same model whatever the jammer did
+    # cut to a budget: one jammed power, one scope, one setting
+    study.main(["--model", "tiny-bert", "--tasks", "topic", "question", "--steps", "5", "--max-test", "40",
+                "--powers", "60", "--shots", "2", "--scopes", "transmitted", "--settings", "3:1e-3", "--no-ideal",
+                "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "realign.json").read_text())["rows"]
+    assert [(r["power_db"], r["scope"], r["steps"]) for r in rows] == [
+        (60.0, "-", 0), (60.0, "transmitted", 3), (60.0, "norms_biases", 20), (60.0, "all", 3)]
+    with pytest.raises(SystemExit):
+        study.main(["--settings", "100-1e-3"])  # argparse names --settings and the form it wants
 
 
 @pytest.mark.slow
