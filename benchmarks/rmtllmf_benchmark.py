@@ -326,11 +326,15 @@ def main(argv: list[str] | None = None) -> None:
     # jam-aware: coefficients learnt on R-MTLLMF's labelled shots, fast enough to reach 0 in a few steps
     # (a jammed model can be confidently wrong, so low entropy does not mean a good merge)
     adamerging_labelled = {**adamerging, "objective": "labelled", "lr": 0.05, "examples": 5}
+    # ... and from the pretrained model (coefficients 0): each tensor's coefficient grows only where the shots
+    # say it helps, instead of starting inside a jammed model whose loss is flat
+    adamerging_from_0 = {**adamerging_labelled, "init": 0.0}
     rmtllmf_layers = {**rmtllmf, "coefficients": "layer", "coefficient_steps": args.adamerging_steps}
     methods = {"task arithmetic": (full, "task_arithmetic", {}), "R-MTLLMF": (frozen, "rmtllmf", rmtllmf),
                "task arithmetic, LoRA B@A": (lora, "task_arithmetic", {}),
                "AdaMerging (layer-wise)": (full, "adamerging", adamerging),
                "AdaMerging (layer-wise, labelled shots)": (full, "adamerging", adamerging_labelled),
+               "AdaMerging (layer-wise, labelled shots, from 0)": (full, "adamerging", adamerging_from_0),
                "R-MTLLMF + layer-wise coefficients": (frozen, "rmtllmf", rmtllmf_layers)}
     wanted = (lambda name: True) if not args.methods else (lambda name: name in args.methods)
     methods = {k: v for k, v in methods.items() if v[0] is not None and wanted(k)}
@@ -350,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             "AdaMerging (layer-wise)": lambda: full.score(full.merge(ideal["full"], "adamerging", **adamerging)),
             "AdaMerging (layer-wise, labelled shots)": lambda: full.score(full.merge(
                 ideal["full"], "adamerging", label="adamerging-labelled", **adamerging_labelled)),
+            "AdaMerging (layer-wise, labelled shots, from 0)": lambda: full.score(full.merge(
+                ideal["full"], "adamerging", label="adamerging-from-0", **adamerging_from_0)),
             "R-MTLLMF": lambda: frozen.score(frozen.merge(ideal["frozen"], "rmtllmf", **rmtllmf)),
             "R-MTLLMF + layer-wise coefficients": lambda: frozen.score(frozen.merge(
                 ideal["frozen"], "rmtllmf", label="rmtllmf-layers", **rmtllmf_layers)),

@@ -24,9 +24,9 @@ def test_benchmark_produces_the_four_results(tmp_path):
         per_task = [ideal[row][f"accuracy/{t}"] / ideal[row][f"individual_accuracy/{t}"] for t in ("topic", "question")]
         assert ideal[row]["normalized_accuracy"] == pytest.approx(sum(per_task) / 2), row
     jammed = results["jammed"]
-    assert len(jammed) == 2 * 2 * 6  # jammers x powers x methods
+    assert len(jammed) == 2 * 2 * 7  # jammers x powers x methods
     assert {"AdaMerging (layer-wise)", "AdaMerging (layer-wise, labelled shots)",
-            "R-MTLLMF + layer-wise coefficients"} <= {r["method"] for r in jammed}
+            "AdaMerging (layer-wise, labelled shots, from 0)", "R-MTLLMF + layer-wise coefficients"} <= {r["method"] for r in jammed}
     for row in ("Fisher", "RegMean", "AdaMerging (task-wise)", "Breadcrumbs"):
         assert row in ideal
     uplink = results["uplink_bytes"]
