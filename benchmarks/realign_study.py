@@ -16,7 +16,8 @@ model on labelled shots it holds, and every setting is scored against the tasks'
   trained on the same shots, i.e. what the server's shots give without any client's task vector.
 
 ``--settings 20:1e-4 100:1e-3`` and ``--scopes`` cut the grid to a budget (every setting is a
-merge, a lambda search and a test pass over the 8 tasks: 1-2 min each with MiniLM on 2 cores).
+merge, a lambda search and a test pass over the 8 tasks: with MiniLM on 2 cores 44 s without
+realignment, 75-115 s with 5 shots per task and 250-285 s with 20, at 50 whole-batch steps).
 
     python benchmarks/realign_study.py --out results/benchmarks/rmtllmf          # reuses its cache
     python benchmarks/realign_study.py --quick --out /tmp/rs                        # 3 tasks, short
