@@ -6,9 +6,11 @@ vector a single time (cached on disk) and then evaluates every fusion rule and c
 1. normalised accuracy under an ideal channel: zero-shot, individual, task arithmetic, TIES,
    DARE, R-MTLLMF (embeddings frozen during fine-tuning, task arithmetic, few-shot realignment),
    and LoRA task vectors merged as weight deltas B @ A vs as summed factors;
-2. task arithmetic and R-MTLLMF (and LoRA B @ A) under ``mimo_mac`` with the worst-case (sum-rate)
-   and strongest-user jammer across jammer powers, with a zero-forcing receiver by default (LMMSE
-   shrinks the estimate, so its error saturates below the signal; see README);
+2. every fused method of ``method_specs`` but three variants (task-wise AdaMerging, LoRA factors
+   summed, TIES on LoRA) under ``mimo_mac`` with the worst-case (sum-rate) and strongest-user jammer
+   across jammer powers, with a zero-forcing receiver by default (LMMSE shrinks the estimate, so
+   its error saturates below the signal; see README); the layer-wise coefficients AdaMerging learns
+   are saved per condition (results.json "coefficients", tables in table.md);
 3. WD error against channel MSE over an AWGN sweep, with a Spearman rank test and a
    linear-regression slope test on log10 MSE;
 4. per-group sensitivity: noise of one per-value MSE hitting only the embeddings, attention,
@@ -23,6 +25,8 @@ table.md, results.json and PNG plots under --out.
     python benchmarks/rmtllmf_benchmark.py                  # all 8 tasks
     python benchmarks/rmtllmf_benchmark.py --quick --model smollm2-135m --families full frozen \
         --methods "task arithmetic" TIES R-MTLLMF --no-statistics --validation 32
+    python benchmarks/rmtllmf_benchmark.py --methods "AdaMerging (layer-wise, labelled shots, from 0)" \
+        --set "AdaMerging (layer-wise, labelled shots, from 0):lr=0.005"   # one parameter of one method
 """
 
 from __future__ import annotations
@@ -207,10 +211,11 @@ class Fusion:
         return Received(out, report, float((report.mse / self.power).mean()), stats)
 
     def merge(self, received: Received, rule: str, as_factors: bool = False, label: str | None = None,
-              **params) -> dict[str, torch.Tensor]:
+              **params) -> tuple[dict[str, torch.Tensor], dict]:
         """theta0 + lambda * fuse(received), lambda searched on validation data, then the rule's
-        post-merge hook (R-MTLLMF realigns, AdaMerging learns its coefficients). ``as_factors``: fuse
-        LoRA factors as tensors (FedIT's way). The server time goes into ``timings[label]``."""
+        post-merge hook (R-MTLLMF realigns, AdaMerging learns its coefficients), with the merge's
+        record (the lambda chosen, AdaMerging's coefficients). ``as_factors``: fuse LoRA factors as
+        tensors (FedIT's way). The server time goes into ``timings[label]``."""
         started = time.perf_counter()
         overrides = [f"strategy={json.dumps({'name': rule, 'server_lr': 'auto', 'lr_grid': LAMBDAS, **params})}"]
         if as_factors:
@@ -218,9 +223,9 @@ class Fusion:
         pipeline = FusionPipeline(config_from_dict(self.cfg.model_dump(mode="json"), overrides), self.workload,
                                   self.bundle)
         fused, _ = pipeline.fuse(received.rows, torch.ones(received.rows.shape[0]), received.report, received.stats)
-        merged, _ = pipeline.merge(self.theta0, fused, seed=0)
+        merged, record = pipeline.merge(self.theta0, fused, seed=0)
         self.timings.setdefault(label or rule, []).append(time.perf_counter() - started)
-        return merged
+        return merged, record
 
     def cosine_similarity(self) -> list[list[float]]:
         return cosine_matrix(self.batch).tolist()
@@ -236,6 +241,94 @@ class Fusion:
         accs = [float((p == torch.tensor(self.test.labels)[torch.tensor(self.test.tasks) == t]).float().mean())
                 for t, p in sorted(self.own.items())]
         return sum(accs) / len(accs)
+
+
+class Method(NamedTuple):
+    """One fused row of the benchmark: which family of task vectors, which rule with which parameters."""
+    family: str  # "full", "frozen" (R-MTLLMF's embeddings kept home) or "lora"
+    rule: str
+    params: dict
+    label: str | None = None  # its key in results.json's server_seconds (default: the rule's name)
+    as_factors: bool = False  # LoRA factors fused as tensors instead of as B @ A
+    jammed: bool = True  # also in the jammer sweeps (variants that add nothing there are left out)
+    needs_statistics: bool = False  # fuses with the clients' Fisher or Gram matrices
+
+
+def method_specs(adamerging_steps: int) -> dict[str, Method]:
+    """Every fused row, in the order of the ideal table; the jammer sweeps take those marked ``jammed``."""
+    # R-MTLLMF: 5-shot realignment, 20 steps (LayerNorms and biases; with LoRA, the factors, folded in)
+    rmtllmf = {"shots": 5, "realign_steps": 20, "realign_lr": 1e-4, "realign_scope": "norms_biases"}
+    adamerging = {"granularity": "layer", "steps": adamerging_steps, "lr": 0.01}
+    # jam-aware: coefficients learnt on R-MTLLMF's labelled shots, fast enough to reach 0 in a few steps
+    # (a jammed model can be confidently wrong, so low entropy does not mean a good merge)
+    labelled = {**adamerging, "objective": "labelled", "lr": 0.05, "examples": 5}
+    # ... and from the pretrained model (coefficients 0): each tensor's coefficient grows only where the shots
+    # say it helps, instead of starting inside a jammed model whose loss is flat
+    from_0 = {**labelled, "init": 0.0}
+    return {
+        "task arithmetic": Method("full", "task_arithmetic", {}),
+        "TIES": Method("full", "ties", {"k": 0.2}),
+        "DARE": Method("full", "dare", {"p": 0.9}),
+        "Breadcrumbs": Method("full", "breadcrumbs", {"density": 0.9, "gamma": 0.01}),
+        "Fisher": Method("full", "fisher", {}, needs_statistics=True),
+        "RegMean": Method("full", "regmean", {}, needs_statistics=True),
+        "AdaMerging (task-wise)": Method("full", "adamerging", {**adamerging, "granularity": "task"},
+                                         "adamerging-task", jammed=False),
+        "AdaMerging (layer-wise)": Method("full", "adamerging", adamerging),
+        "AdaMerging (layer-wise, labelled shots)": Method("full", "adamerging", labelled, "adamerging-labelled"),
+        "AdaMerging (layer-wise, labelled shots, from 0)": Method("full", "adamerging", from_0, "adamerging-from-0"),
+        "R-MTLLMF": Method("frozen", "rmtllmf", rmtllmf),
+        "R-MTLLMF + layer-wise coefficients": Method("frozen", "rmtllmf", {
+            **rmtllmf, "coefficients": "layer", "coefficient_steps": adamerging_steps}, "rmtllmf-layers"),
+        "task arithmetic, LoRA B@A": Method("lora", "task_arithmetic", {}, "lora-task_arithmetic"),
+        "task arithmetic, LoRA factors summed": Method("lora", "task_arithmetic", {}, "lora-factors",
+                                                       as_factors=True, jammed=False),
+        "TIES, LoRA B@A": Method("lora", "ties", {"k": 0.2}, "lora-ties", jammed=False),
+    }
+
+
+def method_override(text: str) -> tuple[str, str, object]:
+    """``METHOD:KEY=VALUE`` as (method, key, value); VALUE as JSON (a number, true, "text"), else as text."""
+    name, sep, assignment = text.rpartition(":")
+    key, eq, value = assignment.partition("=")
+    if not sep or not eq or not name or not key:
+        raise argparse.ArgumentTypeError(f"--set wants 'METHOD:KEY=VALUE', e.g. 'TIES:k=0.1', not {text!r}")
+    try:
+        return name, key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name, key.strip(), value
+
+
+def run_method(fam: Fusion, received: Received, method: Method, label: str) -> tuple[dict[str, float], dict]:
+    """The method's merge of what arrived, scored, with the merge's record."""
+    merged, record = fam.merge(received, method.rule, as_factors=method.as_factors, label=label, **method.params)
+    return fam.score(merged), record
+
+
+def coefficient_summaries(records: dict[str, dict], groups: dict[str, tuple[str, ...]]) -> dict[str, dict]:
+    """Per method that learnt layer-wise coefficients (AdaMerging, R-MTLLMF + coefficients): the mean
+    coefficient (over tasks and tensors) of each group of tensors in each transformer layer, and every
+    tensor's own, so a reader sees which layers the server turned down."""
+    out = {}
+    for name, record in records.items():
+        coeffs = record.get("adamerging_coefficients")
+        if isinstance(coeffs, dict):
+            out[name] = {"by_group_and_layer": coefficients_by_layer(coeffs, groups), "per_tensor": coeffs}
+    return out
+
+
+def coefficients_by_layer(coeffs: dict[str, float], groups: dict[str, tuple[str, ...]]) -> dict[str, dict[str, float]]:
+    """group -> layer ("-" for tensors outside the numbered layers) -> mean coefficient of its tensors."""
+    import re
+
+    cells: dict[str, dict[str, list[float]]] = {}
+    for tensor, c in coeffs.items():
+        group = next((g for g, pats in groups.items() if any(p in tensor for p in pats)), "other")
+        layer = re.search(r"\.(\d+)\.", tensor)
+        cells.setdefault(group, {}).setdefault(layer.group(1) if layer else "-", []).append(c)
+    return {g: {k: sum(v) / len(v) for k, v in sorted(by.items(), key=lambda kv: (kv[0] != "-", int(kv[0])
+                                                                                   if kv[0].isdigit() else -1))}
+            for g, by in cells.items()}
 
 
 def cosine_matrix(rows: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:
@@ -288,9 +381,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="sections to leave out (2: jammer sweeps, 3: WD error vs MSE, 4: per-group noise)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
     parser.add_argument("--adamerging-steps", type=int, default=30, help="Adam steps of AdaMerging's coefficients")
+    parser.add_argument("--set", dest="overrides", nargs="+", type=method_override, default=[],
+                        metavar="'METHOD:KEY=VALUE'", help="change one parameter of one method's rule, e.g. "
+                        "'AdaMerging (layer-wise, labelled shots, from 0):lr=0.005' (VALUE is read as JSON)")
     parser.add_argument("--no-statistics", action="store_true", help="skip Fisher and RegMean (their client "
                         "statistics cost a backward pass per example and Gram matrices per task)")
     args = parser.parse_args(argv)
+    specs = method_specs(args.adamerging_steps)
+    if unknown := [m for m in args.methods or () if m not in specs]:
+        raise SystemExit(f"--methods {', '.join(map(repr, unknown))}: no such method; methods: {', '.join(specs)}")
+    for name, key, value in args.overrides:
+        if name not in specs:
+            raise SystemExit(f"--set {name}:{key}=...: no method {name!r}; methods: {', '.join(specs)}")
+        specs[name] = specs[name]._replace(params={**specs[name].params, key: value})
+        try:  # a bad value stops here, before hours of fine-tuning, with the rule's own message
+            config_from_dict({"strategy": {"name": specs[name].rule, **specs[name].params}})
+        except ValueError as exc:
+            raise SystemExit(f"--set {name}:{key}={value}: {exc}") from None
     torch.set_num_threads(os.cpu_count() or 1)
     real = all((SHARED / t / "train.jsonl").is_file() for t in REAL_TASKS)
     tasks = args.tasks or ((REAL_TASKS[:3] if args.quick else REAL_TASKS) if real else ["sentiment", "topic", "question"])
@@ -304,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     print(f"tasks: {tasks} ({'../shared/data' if real else 'embedded'}), {steps} steps each", flush=True)
     results: dict = {"tasks": tasks, "steps": steps, "data": "shared" if real else "embedded", "seed": 0,
-                     "receiver": args.receiver, "model": args.model}
+                     "receiver": args.receiver, "model": args.model, "overrides": [list(o) for o in args.overrides]}
 
     groups = architecture(args.model)["groups"]
     if "full" not in args.families:
@@ -320,57 +427,22 @@ def main(argv: list[str] | None = None) -> None:
         families[name] = Fusion(cfg, workload, bundle, taus, stats)
     full, frozen, lora = families["full"], families.get("frozen"), families.get("lora")
     mimo_base = {"kind": "mimo_mac", "nt": max(1, 16 // len(tasks)), "receiver": args.receiver}
-    # R-MTLLMF: 5-shot realignment, 20 steps (LayerNorms and biases; with LoRA, the factors, folded in)
-    rmtllmf = {"shots": 5, "realign_steps": 20, "realign_lr": 1e-4, "realign_scope": "norms_biases"}
-    adamerging = {"granularity": "layer", "steps": args.adamerging_steps, "lr": 0.01}
-    # jam-aware: coefficients learnt on R-MTLLMF's labelled shots, fast enough to reach 0 in a few steps
-    # (a jammed model can be confidently wrong, so low entropy does not mean a good merge)
-    adamerging_labelled = {**adamerging, "objective": "labelled", "lr": 0.05, "examples": 5}
-    # ... and from the pretrained model (coefficients 0): each tensor's coefficient grows only where the shots
-    # say it helps, instead of starting inside a jammed model whose loss is flat
-    adamerging_from_0 = {**adamerging_labelled, "init": 0.0}
-    rmtllmf_layers = {**rmtllmf, "coefficients": "layer", "coefficient_steps": args.adamerging_steps}
-    methods = {"task arithmetic": (full, "task_arithmetic", {}), "R-MTLLMF": (frozen, "rmtllmf", rmtllmf),
-               "task arithmetic, LoRA B@A": (lora, "task_arithmetic", {}),
-               "AdaMerging (layer-wise)": (full, "adamerging", adamerging),
-               "AdaMerging (layer-wise, labelled shots)": (full, "adamerging", adamerging_labelled),
-               "AdaMerging (layer-wise, labelled shots, from 0)": (full, "adamerging", adamerging_from_0),
-               "R-MTLLMF + layer-wise coefficients": (frozen, "rmtllmf", rmtllmf_layers)}
     wanted = (lambda name: True) if not args.methods else (lambda name: name in args.methods)
-    methods = {k: v for k, v in methods.items() if v[0] is not None and wanted(k)}
+    # a method runs when it is wanted, its family was trained and the statistics it fuses with were computed
+    methods = {name: m for name, m in specs.items() if wanted(name) and m.family in families
+               and (not m.needs_statistics or families[m.family].stat_rows)}
 
     # 1. ideal channel
     ideal = {name: fam.received(None) for name, fam in families.items()}
-    rows = {"zero-shot": lambda: full.score(full.theta0),
-            "individual": lambda: {"accuracy": full.individual_accuracy(), "normalized_accuracy": 1.0},
-            "task arithmetic": lambda: full.score(full.merge(ideal["full"], "task_arithmetic")),
-            "TIES": lambda: full.score(full.merge(ideal["full"], "ties", k=0.2)),
-            "DARE": lambda: full.score(full.merge(ideal["full"], "dare", p=0.9)),
-            "Breadcrumbs": lambda: full.score(full.merge(ideal["full"], "breadcrumbs", density=0.9, gamma=0.01)),
-            "Fisher": lambda: full.score(full.merge(ideal["full"], "fisher")),
-            "RegMean": lambda: full.score(full.merge(ideal["full"], "regmean")),
-            "AdaMerging (task-wise)": lambda: full.score(full.merge(ideal["full"], "adamerging", label="adamerging-task",
-                                                                    **{**adamerging, "granularity": "task"})),
-            "AdaMerging (layer-wise)": lambda: full.score(full.merge(ideal["full"], "adamerging", **adamerging)),
-            "AdaMerging (layer-wise, labelled shots)": lambda: full.score(full.merge(
-                ideal["full"], "adamerging", label="adamerging-labelled", **adamerging_labelled)),
-            "AdaMerging (layer-wise, labelled shots, from 0)": lambda: full.score(full.merge(
-                ideal["full"], "adamerging", label="adamerging-from-0", **adamerging_from_0)),
-            "R-MTLLMF": lambda: frozen.score(frozen.merge(ideal["frozen"], "rmtllmf", **rmtllmf)),
-            "R-MTLLMF + layer-wise coefficients": lambda: frozen.score(frozen.merge(
-                ideal["frozen"], "rmtllmf", label="rmtllmf-layers", **rmtllmf_layers)),
-            "individual, LoRA": lambda: {"accuracy": lora.individual_accuracy(), "normalized_accuracy": 1.0},
-            "task arithmetic, LoRA B@A": lambda: lora.score(lora.merge(ideal["lora"], "task_arithmetic",
-                                                                       label="lora-task_arithmetic")),
-            "task arithmetic, LoRA factors summed": lambda: lora.score(lora.merge(ideal["lora"], "task_arithmetic",
-                                                                                  as_factors=True, label="lora-factors")),
-            "TIES, LoRA B@A": lambda: lora.score(lora.merge(ideal["lora"], "ties", k=0.2, label="lora-ties"))}
-    needs = {"Fisher": full.stat_rows, "RegMean": full.stat_rows, **{k: frozen for k in rows if "R-MTLLMF" in k},
-             **{k: lora for k in rows if "LoRA" in k}}  # rows that need statistics or another family
-    always = {"zero-shot", "individual", "individual, LoRA"}
-    table = {name: make() for name, make in rows.items()
-             if (name in always or wanted(name)) and (name not in needs or needs[name])}
+    table = {"zero-shot": full.score(full.theta0),
+             "individual": {"accuracy": full.individual_accuracy(), "normalized_accuracy": 1.0}}
+    records: dict[str, dict] = {}  # method -> what its merge recorded (AdaMerging: the coefficients)
+    for name, m in methods.items():
+        if m.family == "lora" and "individual, LoRA" not in table:
+            table["individual, LoRA"] = {"accuracy": lora.individual_accuracy(), "normalized_accuracy": 1.0}
+        table[name], records[name] = run_method(families[m.family], ideal[m.family], m, m.label or m.rule)
     results["ideal"] = table
+    results["coefficients"] = {"ideal": coefficient_summaries(records, groups)}
     d = full.batch.shape[1]
     stat_values = {name: rows.shape[1] for name, rows in full.stat_rows.items()}
     results["uplink_bytes"] = {"task vector, all layers (task arithmetic, TIES, DARE, Breadcrumbs, AdaMerging)": 4 * d,
@@ -378,7 +450,6 @@ def main(argv: list[str] | None = None) -> None:
                                **({"task vector, embeddings kept home (R-MTLLMF)": 4 * frozen.batch.shape[1]}
                                   if frozen else {}),
                                **({"LoRA r=8 factors": 4 * lora.batch.shape[1]} if lora else {})}
-    results["server_seconds"] = {k: statistics.median(v) for fam in families.values() for k, v in fam.timings.items()}
     results["cosine_similarity"] = full.cosine_similarity()
     print("ideal channel:", {k: round(v.get("normalized_accuracy", float("nan")), 4) for k, v in table.items()}, flush=True)
 
@@ -387,15 +458,23 @@ def main(argv: list[str] | None = None) -> None:
     for jammer in args.jammers if "jammed" not in args.skip else ():
         for power in powers:
             channel = {**mimo_base, "jammer": jammer, "jammer_power_db": power}
-            for name, (fam, rule, params) in methods.items():
+            records = {}
+            for name, m in methods.items():
+                if not m.jammed:
+                    continue
+                fam = families[m.family]
                 received = fam.received(channel)
                 rel_mse = received.relative_mse
-                scores = fam.score(fam.merge(received, rule, label=f"jammed {name}", **params))
+                scores, records[name] = run_method(fam, received, m, f"jammed {name}")
                 jammed.append({"jammer": jammer, "power_db": power, "method": name, "relative_mse": rel_mse,
                                "normalized_accuracy": scores["normalized_accuracy"], "wd_error": scores["wd_error"],
                                "accuracy": scores["accuracy"]})
                 print(f"  {jammer} {power:>4} dB {name:26s} rel.MSE {rel_mse:9.3f} "
                       f"norm.acc {scores['normalized_accuracy']:.4f} WD {scores['wd_error']:.4f}", flush=True)
+            if summaries := coefficient_summaries(records, groups):
+                results["coefficients"][f"{jammer} {power:g} dB"] = summaries
+    # every merge's server time, the jammed ones under "jammed <method>"
+    results["server_seconds"] = {k: statistics.median(v) for fam in families.values() for k, v in fam.timings.items()}
     results["jammed"] = jammed
     if jammed and {"task arithmetic", "R-MTLLMF"} <= set(methods):
         results["target"] = target_check(results)
@@ -480,6 +559,7 @@ def write_outputs(results: dict, out: Path) -> None:
                   "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
         lines += [f"| {a} | " + " | ".join(f"{x:.3f}" for x in row) + " |"
                   for a, row in zip(names, results["cosine_similarity"])]
+    lines += coefficient_lines(results.get("coefficients", {}))
     if "wd_vs_mse" in results:
         lines += wd_lines(results["wd_vs_mse"])
     if "sensitivity" in results:
@@ -516,6 +596,21 @@ def jammed_lines(results: dict) -> list[str]:
                            f"dB, where R-MTLLMF keeps {100 * t['rmtllmf_kept']:.1f}% of its own (goal >= 90%)."
                            if t["power_db"] is not None else "Target: task arithmetic never loses half of its ideal "
                            "normalised accuracy in this sweep.")]
+    return lines
+
+
+def coefficient_lines(coefficients: dict[str, dict]) -> list[str]:
+    """A group x layer table of the learnt mean coefficients per channel condition and method."""
+    lines: list[str] = []
+    for condition, by_method in coefficients.items():
+        for method, summary in by_method.items():
+            cells = summary["by_group_and_layer"]
+            layers = list(dict.fromkeys(k for by in cells.values() for k in by))
+            lines += ["", f"Layer-wise coefficients learnt by {method} ({condition}; mean over tasks and tensors; "
+                      "'-' = outside the numbered layers):", "",
+                      "| group | " + " | ".join(layers) + " |", "| --- |" + " --- |" * len(layers)]
+            lines += [f"| {g} | " + " | ".join(f"{by[k]:.2f}" if k in by else "" for k in layers) + " |"
+                      for g, by in cells.items()]
     return lines
 
 
