@@ -11,7 +11,7 @@ model on labelled shots it holds, and every setting is scored against the tasks'
   the whole model, embeddings included (``all``: a server-side study only; the embeddings stay on
   the clients, so this model could not be sent back as it is);
 - steps and learning rate: 20 at 1e-4 (the default), 100 at 1e-4, 100 at 1e-3;
-- R-MTLLMF with layer-wise AdaMerging coefficients before realigning;
+- R-MTLLMF with layer-wise AdaMerging coefficients before realigning (`--no-coefficients` leaves it out);
 - the floor of it all: the uplink discarded (lambda 0: the pretrained model) and the whole model
   trained on the same shots, i.e. what the server's shots give without any client's task vector.
 
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="realignment steps:learning rate pairs (default 20:1e-4 100:1e-4 100:1e-3)")
     parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
     parser.add_argument("--no-ideal", dest="ideal", action="store_false", help="only the jammed powers")
+    parser.add_argument("--no-coefficients", dest="coefficients", action="store_false",
+                        help="leave out R-MTLLMF + layer-wise coefficients (with 100 shots, about 10 min per power)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rmtllmf"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -144,9 +146,10 @@ def main(argv: list[str] | None = None) -> None:
                         realign_all(fam, received, shots, steps_, lr) if scope == "all" else fam.merge(
                             received, "rmtllmf", label=f"rmtllmf-{scope}", shots=shots, realign_steps=steps_,
                             realign_lr=lr, realign_scope=scope)[0]))
-            record(power, "R-MTLLMF + layer-wise coefficients", "norms_biases", shots, 20, 1e-4, lambda: fam.merge(
-                received, "rmtllmf", label="rmtllmf-layers", shots=shots, realign_steps=20, realign_lr=1e-4,
-                coefficients="layer", coefficient_steps=30)[0])
+            if args.coefficients:
+                record(power, "R-MTLLMF + layer-wise coefficients", "norms_biases", shots, 20, 1e-4, lambda: fam.merge(
+                    received, "rmtllmf", label="rmtllmf-layers", shots=shots, realign_steps=20, realign_lr=1e-4,
+                    coefficients="layer", coefficient_steps=30)[0])
             steps_, lr = settings[-1]
             # lambda 0 makes it the same model whatever the channel did: realigned once, reported at every power
             record(power, "uplink discarded (pretrained model) + realignment", "all", shots, steps_, lr,

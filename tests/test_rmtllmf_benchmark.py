@@ -112,6 +112,12 @@ def test_realignment_study_runs_every_setting_and_leaves_the_model_as_it_found_i
     rows = json.loads((tmp_path / "realign.json").read_text())["rows"]
     assert [(r["power_db"], r["scope"], r["steps"]) for r in rows] == [
         (60.0, "-", 0), (60.0, "transmitted", 3), (60.0, "norms_biases", 20), (60.0, "all", 3)]
+    study.main(["--model", "tiny-bert", "--tasks", "topic", "question", "--steps", "5", "--max-test", "40",
+                "--powers", "60", "--shots", "2", "--scopes", "transmitted", "--settings", "3:1e-3", "--no-ideal",
+                "--no-coefficients", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "realign.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["task arithmetic (no realignment)", "R-MTLLMF",
+                                           "uplink discarded (pretrained model) + realignment"]
     with pytest.raises(SystemExit):
         study.main(["--settings", "100-1e-3"])  # argparse names --settings and the form it wants
 
