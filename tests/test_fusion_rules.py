@@ -125,3 +125,24 @@ def test_robust_rules_on_column_blocks_equal_the_whole_tensor_reduction(clients)
     assert torch.equal(build_rule("median", {})(x, w), median)
     cut = int(0.2 * clients)
     assert torch.allclose(build_rule("trimmed_mean", {})(x, w), ordered[cut:clients - cut].mean(0))
+
+
+@pytest.mark.parametrize("name", FUSION_RULES.names())
+def test_no_rule_writes_into_the_received_rows_or_statistics(name):
+    """The R-MTLLMF benchmark fuses one received batch with every rule in turn (one transmission per
+    jammer power): a rule that scaled, trimmed or sorted the rows in place would corrupt the next rule's."""
+    from fedllm.core.vectors import Layout
+    from fedllm.strategies import FusionSpace
+
+    layout, gram = Layout(("lin.weight", "lin.bias"), ((4, 5), (4,))), Layout(("lin.weight",), ((5, 5),))
+    g, n = torch.Generator().manual_seed(0), 7
+    rule = build_rule(name, {"weights": [1.0] * n} if name == "weighted_average" else {})
+    layouts = {s: gram if s == "gram" else layout for s in rule.client_statistics()}
+    stats = {s: (torch.stack([(x.T @ x).reshape(-1) for x in torch.randn(n, 9, 5, generator=g)]) if s == "gram"
+                 else torch.rand(n, layout.numel, generator=g)) for s in layouts}
+    rows = torch.randn(n, layout.numel, generator=g)
+    before_rows, before_stats = rows.clone(), {s: t.clone() for s, t in stats.items()}
+    fused = rule(rows, torch.ones(n), stats, FusionSpace(layout, layouts))
+    assert fused.shape == (layout.numel,)
+    assert torch.equal(rows, before_rows)
+    assert all(torch.equal(stats[s], before_stats[s]) for s in stats)

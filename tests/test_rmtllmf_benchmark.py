@@ -63,6 +63,7 @@ def test_benchmark_produces_the_four_results(tmp_path):
     assert "Spearman" in table and "Sensitivity" in table and "LoRA B@A" in table
     assert "Layer-wise coefficients learnt by AdaMerging (layer-wise) (worst_case 0 dB" in table
     assert all((tmp_path / f).stat().st_size > 0 for f in ("jammed.png", "wd_vs_mse.png", "sensitivity.png"))
+    assert results["complete"] is True
 
 
 @pytest.mark.slow
@@ -223,3 +224,31 @@ def test_method_override_reads_json_values_and_keeps_colons_in_method_names():
         "AdaMerging (layer-wise, labelled shots, from 0)", "lr", 0.005)
     assert bench.method_override("a:b:objective=labelled") == ("a:b", "objective", "labelled")
     assert bench.method_override("TIES:lr_grid=[0, 0.5]") == ("TIES", "lr_grid", [0, 0.5])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_sweep_keeps_every_jammed_row_it_finished(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("rmtllmf_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_method, calls = bench.run_method, []
+
+    def stopped_at_the_fourth_jammed_merge(fam, received, method, label):
+        if label.startswith("jammed"):
+            calls.append(received)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+        return run_method(fam, received, method, label)
+
+    monkeypatch.setattr(bench, "run_method", stopped_at_the_fourth_jammed_merge)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--model", "tiny-bert", "--tasks", "topic", "question", "--steps", "3", "--max-test", "20",
+                    "--families", "full", "--methods", "task arithmetic", "TIES", "--jammers", "worst_case",
+                    "--powers", "0", "60", "--skip", "wd", "sensitivity", "--no-statistics", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["complete"] is False
+    assert [(r["power_db"], r["method"]) for r in results["jammed"]] == [
+        (0.0, "task arithmetic"), (0.0, "TIES"), (60.0, "task arithmetic")]
+    assert set(results["ideal"]) == {"zero-shot", "individual", "task arithmetic", "TIES"}  # the ideal table too
+    # one transmission per power: both rules of a power fused the very same received batch
+    assert calls[0] is calls[1] and calls[2] is calls[3] and calls[1] is not calls[2]
