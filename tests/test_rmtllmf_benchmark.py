@@ -252,3 +252,24 @@ def test_a_run_stopped_mid_sweep_keeps_every_jammed_row_it_finished(tmp_path, mo
     assert set(results["ideal"]) == {"zero-shot", "individual", "task arithmetic", "TIES"}  # the ideal table too
     # one transmission per power: both rules of a power fused the very same received batch
     assert calls[0] is calls[1] and calls[2] is calls[3] and calls[1] is not calls[2]
+
+
+def test_the_readme_plot_is_drawn_from_the_readme_tables(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_jammed_tables", SCRIPT.parent / "plot_jammed_tables.py")
+    plots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plots)
+    text = "\n".join(["intro", "| worst-case jammer (dB) | 0 | 20 |", "| --- | --- | --- |",
+                      "| task arithmetic | 0.9370 | **0.7368** |", "| TIES (k = 0.2) | — | 0.7118 |",
+                      "| relative MSE of the task vectors | 415 | 3.81e4 |", "", "| other | 1 |"])
+    powers, rows = plots.markdown_table(text, "worst-case jammer (dB)")
+    assert powers == [0.0, 20.0]
+    assert rows == {"task arithmetic": [0.937, 0.7368], "TIES (k = 0.2)": [None, 0.7118]}
+    with pytest.raises(ValueError, match="row 'a' has 1 values for 2 powers"):
+        plots.markdown_table("| worst-case jammer (dB) | 0 | 20 |\n| --- | --- | --- |\n| a | 1 |", "worst-case jammer (dB)")
+    # README's own tables parse (a broken row would stop the plot) and every row has a value
+    plots.main(["--out", str(tmp_path / "jammed.png")])
+    readme = (SCRIPT.parents[1] / "README.md").read_text(encoding="utf-8")
+    for title in plots.TABLES:
+        _, rows = plots.markdown_table(readme, title)
+        assert "task arithmetic" in rows and all(any(v is not None for v in vs) for vs in rows.values())
+    assert (tmp_path / "jammed.png").stat().st_size > 0
