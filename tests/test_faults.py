@@ -1,5 +1,7 @@
 """Faulty clients in a real simulation: bad replies are rejected with reasons, the run goes on."""
 
+import time
+
 import pytest
 import torch
 from flwr.simulation import run_simulation
@@ -79,20 +81,65 @@ def test_too_few_good_replies_skip_the_round_without_crashing(tiny_overrides, tm
     assert (run_dir / "summary.json").is_file()
 
 
-@pytest.mark.slow
-def test_a_slow_client_is_left_behind_at_the_round_timeout(tiny_overrides, tmp_path):
-    # 60 s: the two prompt clients' Ray workers must start and train within it even on a loaded machine
-    # (with 20 s, a run beside two other heavy jobs on 2 cores had none of the three replies in time)
-    cfg = load_config(None, [*tiny_overrides, "client.faults=[{kind: slow, clients: [2], delay: 90}]",
-                             "strategy.round_timeout=60", "strategy.min_clients=2", "rounds=1"])
-    _simulate(cfg, 3)
-    rounds = read_metrics(next((tmp_path / "results").glob("*/*")))
-    assert rounds[1]["clients_sampled"] == 3 and rounds[1]["clients_used"] == 2
-    assert rounds[1]["clients_missing"] == 1 and len(rounds[1]["missing_nodes"]) == 1
-    assert not rounds[1].get("skipped") and rounds[1]["accuracy"] > rounds[0]["accuracy"]
-    # the server moved on at the timeout (60 s), not when the slow client would have replied (90 s)
-    assert 60 <= rounds[1]["round_time"] < 90
-    assert rounds[1]["clients_used"] + rounds[1]["clients_rejected"] + rounds[1]["clients_missing"] == 3
+class _TimedGrid:
+    """The SuperLink as ``gather`` sees it: each node's reply becomes pullable ``delay[node]`` seconds
+    after the push (None: never)."""
+
+    def __init__(self, delays: dict[int, float | None], reply):
+        self.delays, self.reply, self.pushed_at, self.ids = delays, reply, None, {}
+
+    def push_messages(self, messages):
+        self.pushed_at = time.monotonic()
+        for i, m in enumerate(messages):
+            m.metadata.message_id = f"m{i}"
+            self.ids[m.metadata.message_id] = m.metadata.dst_node_id
+        return list(self.ids)
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic() - self.pushed_at
+        out = []
+        for mid in message_ids:
+            delay = self.delays[self.ids[mid]]
+            if delay is not None and now >= delay:
+                out.append(self.reply(self.ids[mid], mid))
+        return out
+
+
+def test_a_slow_client_is_left_behind_at_the_round_timeout():
+    """The server takes the prompt replies, stops waiting at strategy.round_timeout and counts the late
+    client as missing (its reply, ready after the timeout, is never pulled). A fake SuperLink with
+    timed replies: a simulation's timing under load is not what this tests (the slow fault itself, below)."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    from fedllm.apps.payload import DELTA, METRICS
+    from fedllm.apps.replies import Replies, gather
+    from fedllm.core.vectors import Layout
+
+    layout = Layout.of({"w": torch.zeros(3)})
+
+    def reply(node, message_id):
+        meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id=message_id,
+                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+        return Message(metadata=meta, content=RecordDict({DELTA: ArrayRecord(torch_state_dict={"w": torch.ones(3) * node}),
+                                                          METRICS: MetricRecord({"num-examples": 5, "partition": node})}))
+
+    grid = _TimedGrid({1: 0.0, 2: 0.2, 3: 3.0}, reply)
+    messages = [SimpleNamespace(metadata=SimpleNamespace(message_id="", dst_node_id=n)) for n in (1, 2, 3)]
+    started = time.monotonic()
+    out = gather(grid, messages, Replies([1, 2, 3]), layout, {}, timeout=1.0, outlier_ratio=None, rnd=1)
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 3.0  # it moved on at the timeout, not when the slow reply came
+    assert sorted(u.node_id for u in out.updates) == [1, 2] and out.missing == [3] and not out.rejected
+    assert out.phases["wait_for_clients"] >= 0.95
+
+
+def test_the_slow_fault_replies_late_and_unchanged():
+    delta = {"a": torch.tensor([1.0, -2.0])}
+    started = time.monotonic()
+    out = apply_fault(FaultSpec(kind="slow", clients=[0], delay=0.3), delta, {}, seed=0)
+    assert time.monotonic() - started >= 0.3 and out is delta
 
 
 @pytest.mark.slow
