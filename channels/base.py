@@ -80,6 +80,9 @@ class Channel(ABC):
     """A channel model; ``Params`` validates its YAML section, ``seed`` makes it reproducible."""
 
     Params: ClassVar[type[ChannelParams]] = ChannelParams
+    # Delivers every payload exactly as sent, whatever else is in the batch: the server may then add
+    # the replies into a running sum as they arrive (strategy.running_sum) instead of sending a stack.
+    lossless: ClassVar[bool] = False
 
     def __init__(self, params: ChannelParams, seed: int = 0) -> None:
         self.params = params
@@ -90,6 +93,11 @@ class Channel(ABC):
     def delivers_sum(cls, params: Mapping[str, Any]) -> bool:
         """True when the server receives only the clients' superposed sum (over-the-air), not each payload."""
         return False
+
+    def lossless_report(self, clients: int, values: int) -> ChannelReport:
+        """The report of a lossless channel's transmission of ``clients`` payloads of ``values`` each,
+        without the payloads (they went into a running sum)."""
+        raise NotImplementedError(f"{type(self).__name__} is not lossless: its report depends on the payloads")
 
     @abstractmethod
     def transmit(

@@ -9,13 +9,16 @@ from .base import CHANNELS, Channel, ChannelReport, ClientMeta, check_batch
 
 @CHANNELS.register("ideal")
 class IdealChannel(Channel):
+    lossless = True
+
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
         check_batch(batch)
-        n, d = batch.shape
-        report = ChannelReport(
-            mse=torch.zeros(n),
-            snr_db=torch.full((n,), float("inf")),
-            bits=torch.full((n,), float(d * 32)),
-            dropped=torch.zeros(n, dtype=torch.bool),
+        return batch, self.lossless_report(*batch.shape)  # read-only on both sides (Channel.transmit): no copy
+
+    def lossless_report(self, clients: int, values: int) -> ChannelReport:
+        return ChannelReport(
+            mse=torch.zeros(clients),
+            snr_db=torch.full((clients,), float("inf")),
+            bits=torch.full((clients,), float(values * 32)),
+            dropped=torch.zeros(clients, dtype=torch.bool),
         )
-        return batch, report  # read-only on both sides (Channel.transmit): no copy

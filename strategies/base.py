@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -73,6 +73,9 @@ class FusionRule:
     needs_frozen_layers: ClassVar[bool] = False  # meant for task vectors with some layers kept home
     needs_local_part: ClassVar[bool] = False  # personalisation: each client keeps a local group
     client_trainer: ClassVar[str | None] = None  # the client trainer this rule's algorithm needs, if any
+    # The fused delta as a sum the server can build as replies arrive (strategy.running_sum): "mean",
+    # the example-weighted mean; "sum", the plain sum; None: the rule needs every row at once.
+    running_sum: ClassVar[Literal["mean", "sum"] | None] = None
 
     def __init__(self, params: RuleParams | None = None, seed: int = 0) -> None:
         self.params = params or self.Params()

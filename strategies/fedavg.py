@@ -10,6 +10,7 @@ from .base import FUSION_RULES, FusionRule, weighted_mean
 @FUSION_RULES.register("fedavg")
 class FedAvg(FusionRule):
     averaging = True
+    running_sum = "mean"
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(deltas, weights)

@@ -28,6 +28,8 @@ from .realign import realign, realign_parameters
 
 @FUSION_RULES.register("task_arithmetic")
 class TaskArithmetic(FusionRule):
+    running_sum = "sum"
+
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return deltas.sum(dim=0)
 

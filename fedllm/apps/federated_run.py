@@ -27,6 +27,7 @@ from fedllm.apps.sampling import sample_clients
 from fedllm.config import ConfigError, ExperimentConfig
 from fedllm.core.types import ClientUpdate
 from fedllm.fusion.pipeline import FusionPipeline
+from fedllm.fusion.running_sum import RunningSum
 from fedllm.results.writer import ResultsWriter, check_results_dir, load_checkpoint, save_checkpoint
 from fedllm.workloads import workload_for
 
@@ -106,15 +107,18 @@ class FederatedRun:
         """Sample clients, send them the global group, and take their replies (fedllm/apps/replies.py)."""
         identities = self.nodes.identities
         sampled = sample_clients(self.cfg.strategy, {n: identities[n] for n in self.available_nodes()}, self.rng)
-        out = Replies(sampled, stack=torch.empty(len(sampled), self.pipeline.layout.numel),
-                      row_order=sorted(sampled, key=lambda n: identities[n]))  # fusion's order
+        running = self.pipeline.running_sum()
+        out = Replies(sampled, stack=None if running else torch.empty(len(sampled), self.pipeline.layout.numel),
+                      row_order=sorted(sampled, key=lambda n: identities[n]), running=running)  # fusion's order
         return gather(self.grid, self._messages(sampled, rnd), out, self.pipeline.layout, self.pipeline.stat_layouts,
                       self.cfg.strategy.round_timeout, self.pipeline.outlier_ratio, rnd)
 
-    def round_update(self, rnd: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        """The fusion pipeline on this round's usable updates; returns what to record of it."""
+    def round_update(self, rnd: int, updates: list[ClientUpdate], running: RunningSum | None = None) -> dict[str, Any]:
+        """The fusion pipeline on this round's usable updates (or their running sum); returns what to
+        record of it."""
         self.global_params, record = self.pipeline(self.global_params, updates, self.cfg.seed + rnd,
-                                                   population=len(self.nodes.identities), server_round=rnd)
+                                                   population=len(self.nodes.identities), server_round=rnd,
+                                                   running=running)
         return {**record, **training_record(updates)}
 
     def round(self, rnd: int) -> dict[str, Any]:
@@ -127,7 +131,7 @@ class FederatedRun:
                       f"{cfg.strategy.min_clients}")
             record["skipped"] = True
         else:
-            record.update(self.round_update(rnd, updates))
+            record.update(self.round_update(rnd, updates, replies.running))
         record["phase_times"] = {**replies.phases, "checks": replies.check_seconds,
                             **{k.removeprefix("seconds_"): record.pop(k) for k in list(record) if k.startswith("seconds_")}}
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:

@@ -10,6 +10,7 @@ left out of the fusion; one bad client never stops the server.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -17,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedllm.apps.fingerprint import code_fingerprint, code_location
 from fedllm.core.lora_ranks import RANK_METRIC, rank_axis, rank_layout
 from fedllm.core.types import ClientUpdate
-from fedllm.core.vectors import Layout, all_finite, flatten
+from fedllm.core.vectors import Layout, all_finite
+from fedllm.fusion.running_sum import RunningSum
 
 from fedllm.apps.wire import CONFIG, DELTA, DOWN, GLOBAL, METRICS, NUM_EXAMPLES, RAY_NODE  # noqa: F401 (re-exported)
 
@@ -45,24 +47,54 @@ def reply_content(delta: dict[str, torch.Tensor], metrics: dict[str, float | int
     return content
 
 
-def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def _checked_arrays(arrays: ArrayRecord, layout: Layout, node: int, what: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each tensor of a reply in ``layout`` order, with its offset in the flat layout, read and
+    checked (readable, its shape) one at a time: a reply is never held twice over (message + tensors)."""
     names = list(arrays.keys())
     if set(names) != set(layout.names):
         missing = sorted(set(layout.names) - set(names))[:3]
         extra = sorted(set(names) - set(layout.names))[:3]
         raise RejectedReply(f"client {node}: {what} names do not match (missing {missing}, unexpected {extra})")
-    tensors = arrays.to_torch_state_dict()
-    for name, shape in zip(layout.names, layout.shapes):
-        if tuple(tensors[name].shape) != shape:
-            raise RejectedReply(f"client {node}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+    offset = 0
+    for name, shape, size in zip(layout.names, layout.shapes, layout.sizes):
+        try:
+            values = torch.from_numpy(arrays[name].numpy())
+        except (TypeError, ValueError) as exc:  # not a NumPy array, or bytes that do not parse as one
+            raise RejectedReply(f"client {node}: {name} cannot be read as an array ({exc})") from None
+        if values.is_complex() or values.dtype == torch.bool:
+            raise RejectedReply(f"client {node}: {name} holds {values.dtype} values, not real numbers")
+        if tuple(values.shape) != shape:
+            raise RejectedReply(f"client {node}: {name} has shape {tuple(values.shape)}, expected {shape}"
                                 + ("" if what == "parameter" else f" (in its {what})"))
-    flat = flatten(tensors, layout, out=out if out is not None and out.numel() == layout.numel else None)
-    del tensors
+        yield offset, values
+        offset += size
+
+
+def _non_finite(node: int, what: str, count: int) -> RejectedReply:
+    return RejectedReply(f"client {node}: {'delta' if what == 'parameter' else what} has {count} NaN/Inf values")
+
+
+def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    flat = out if out is not None and out.numel() == layout.numel else torch.empty(layout.numel)
+    for offset, values in _checked_arrays(arrays, layout, node, what):
+        flat[offset:offset + values.numel()] = values.reshape(-1)
     if not all_finite(flat):
-        raise RejectedReply(f"client {node}: {'delta' if what == 'parameter' else what} has "
-                            f"{int((~torch.isfinite(flat)).sum())} NaN/Inf values")
+        raise _non_finite(node, what, int((~torch.isfinite(flat)).sum()))
     return flat
+
+
+def _added_to(running: RunningSum, arrays: ArrayRecord, layout: Layout, node: int, num_examples: int) -> None:
+    """Add a reply into the round's running sum, tensor by tensor, once all of it is checked: a bad
+    reply must not leave half of itself in the sum. It is read twice (check, then add) so that no
+    copy of the whole payload is made."""
+    bad = sum(int((~torch.isfinite(values)).sum()) for _, values in _checked_arrays(arrays, layout, node, "parameter")
+              if torch.is_floating_point(values))
+    if bad:
+        raise _non_finite(node, "parameter", bad)
+    for offset, values in _checked_arrays(arrays, layout, node, "parameter"):
+        running.add_piece(offset, values, num_examples)
+    running.count_reply(num_examples)
 
 
 class RejectedReply(ValueError):
@@ -70,10 +102,12 @@ class RejectedReply(ValueError):
 
 
 def parse_reply(msg: Message, layout: Layout, node: int | None = None,
-                stat_layouts: dict[str, Layout] | None = None, out: torch.Tensor | None = None) -> ClientUpdate:
+                stat_layouts: dict[str, Layout] | None = None, out: torch.Tensor | None = None,
+                running: RunningSum | None = None) -> ClientUpdate:
     """Turn a client reply into a flat delta, or raise :class:`RejectedReply` saying why (``node``: the
     node the message was sent to; by default the reply's sender). ``out``: where to write the delta
-    (a row of the round's reply stack) when it has the full layout."""
+    (a row of the round's reply stack) when it has the full layout. ``running``: add the delta into
+    the round's running sum instead (the update then carries no delta)."""
     node = msg.metadata.src_node_id if node is None else node
     if msg.has_error():  # the reason may carry a whole remote traceback: its last line says what happened
         lines = [line.strip() for line in str(msg.error.reason).strip().splitlines() if line.strip()]
@@ -83,16 +117,23 @@ def parse_reply(msg: Message, layout: Layout, node: int | None = None,
         raise RejectedReply(f"client {node}: reply lacks '{DELTA}' or '{METRICS}' records")
     metrics = dict(content.metric_records[METRICS])
     rank = reported_rank(metrics, layout, node)
-    flat = _checked_flat(content.array_records[DELTA], layout if rank is None else rank_layout(layout, rank),
-                         node, "parameter", out)
+    num_examples = int(metrics.get(NUM_EXAMPLES, 0))
+    if num_examples <= 0:
+        raise RejectedReply(f"client {node}: reported {num_examples} examples")
+    if running is not None and rank is not None:  # strategy.running_sum is checked to go with one rank
+        raise RejectedReply(f"client {node}: sent LoRA rank {rank}, but the round adds replies of the global "
+                            "rank into a running sum (strategy.running_sum); give every node the same rank")
+    flat = None
+    if running is None:
+        flat = _checked_flat(content.array_records[DELTA], layout if rank is None else rank_layout(layout, rank),
+                             node, "parameter", out)
     stats = {}
     for name, stat_layout in (stat_layouts or {}).items():
         if STAT + name not in content.array_records:
             raise RejectedReply(f"client {node}: reply lacks the '{name}' statistics the fusion rule needs")
         stats[name] = _checked_flat(content.array_records[STAT + name], stat_layout, node, name)
-    num_examples = int(metrics.get(NUM_EXAMPLES, 0))
-    if num_examples <= 0:
-        raise RejectedReply(f"client {node}: reported {num_examples} examples")
+    if running is not None:  # last: a reply rejected for anything is not in the sum
+        _added_to(running, content.array_records[DELTA], layout, node, num_examples)
     return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()}, stats, rank)
 
 

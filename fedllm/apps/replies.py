@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedllm.apps.payload import DELTA, RejectedReply, parse_reply, payload_bytes, reject_outlier_norms
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout
+from fedllm.fusion.running_sum import RunningSum
 
 log = logging.getLogger("fedllm")
 # error replies the SuperLink makes for a node that is gone (not errors raised by a client)
@@ -44,6 +45,8 @@ class Replies:
     # Pages of rows no reply reaches are never touched. Payloads of a lower LoRA rank are kept apart.
     stack: torch.Tensor | None = None
     row_order: list[int] | None = None  # the sampled nodes in the order of their rows (default: as sampled)
+    # strategy.running_sum: each checked payload is added into this sum instead (no stack at all)
+    running: RunningSum | None = None
 
     def __post_init__(self) -> None:
         self.row_of = {node: i for i, node in enumerate(self.row_order or self.sampled)}
@@ -60,7 +63,7 @@ class Replies:
         started = time.perf_counter()
         row = self.stack[self.row_of[node]] if self.stack is not None else None
         try:
-            self.updates.append(parse_reply(reply, layout, node, stat_layouts, out=row))
+            self.updates.append(parse_reply(reply, layout, node, stat_layouts, out=row, running=self.running))
         except RejectedReply as why:
             self.rejected.append(str(why))
         self.check_seconds += time.perf_counter() - started
@@ -71,7 +74,8 @@ class Replies:
         if self.stack is None:
             return
         memory = self.stack.untyped_storage().data_ptr()
-        in_stack = sorted((u for u in self.updates if u.delta.untyped_storage().data_ptr() == memory),
+        in_stack = sorted((u for u in self.updates
+                           if u.delta is not None and u.delta.untyped_storage().data_ptr() == memory),
                           key=lambda u: u.client_id)
         rows = [self.row_of[u.node_id] for u in in_stack]
         if rows == sorted(rows):  # rows only move up: none is overwritten before it is read

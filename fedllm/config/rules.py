@@ -148,10 +148,37 @@ def a_quantized_base_stays_frozen(cfg: "ExperimentConfig") -> None:
                          "the fused products into the base weights, which are k-bit; use fuse_lora_as: factors or svd")
 
 
+def a_running_sum_needs_a_summable_round(cfg: "ExperimentConfig") -> None:
+    """strategy.running_sum adds each reply into one sum as it arrives: nothing may need the rows apart."""
+    strategy, why = cfg.strategy, None
+    if not strategy.running_sum:
+        return
+    if _rule(cfg).running_sum is None:
+        summable = sorted(n for n in strategy.registry().names() if strategy.registry().get(n).running_sum)
+        why = (f"strategy {strategy.name!r} needs every reply at once; a running sum serves "
+               f"{', '.join(summable)}")
+    elif not cfg.channel.registry().get(cfg.channel.kind).lossless:
+        why = f"channel {cfg.channel.kind!r} draws its noise for the round's whole batch; use channel.kind: ideal"
+    elif strategy.reject_norm_ratio is not None:
+        why = ("strategy.reject_norm_ratio compares every reply's norm with the round's median before any is "
+               "fused; set it to null")
+    elif strategy.dp_clip_norm is not None:
+        why = "strategy.dp_clip_norm (DP) clips and fuses the round's updates together; drop one of the two"
+    elif cfg.eval.fusion_metrics:
+        why = "eval.fusion_metrics scores each client's own model from its delta; set it to false"
+    elif cfg.peft.fuse_lora_as != "factors":
+        why = (f"peft.fuse_lora_as {cfg.peft.fuse_lora_as!r} fuses products B @ A, not the payloads; "
+               "use fuse_lora_as: factors")
+    elif cfg.peft.heterogeneous:
+        why = f"peft.ranks {cfg.peft.ranks}: payloads of other ranks are padded in a batch; use one rank"
+    if why:
+        raise ValueError(f"strategy.running_sum: {why} (or set strategy.running_sum: false)")
+
+
 RULES: list[Callable[["ExperimentConfig"], None]] = [
     rl_goes_with_the_rl_trainer, dp_is_for_averaging, amplification_needs_poisson_sampling, only_local_only_sends_nothing, frozen_layers_where_needed,
     personalisation_keeps_a_local_part, statistics_in_the_fused_space, both_halves_of_an_algorithm, a_summed_uplink_needs_averaging,
-    heterogeneous_ranks_meet_in_one_space, a_quantized_base_stays_frozen,
+    heterogeneous_ranks_meet_in_one_space, a_quantized_base_stays_frozen, a_running_sum_needs_a_summable_round,
 ]
 
 

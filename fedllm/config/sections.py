@@ -251,6 +251,11 @@ class StrategySection(NamedSection):
     # A reply whose delta norm exceeds this multiple of the round's median norm is rejected
     # (None: no check). Needs 3+ replies, so a median means something.
     reject_norm_ratio: PositiveFloat | None = 100.0
+    # Add each reply into one running sum as it arrives instead of holding the round's (clients x values)
+    # stack (fedllm/fusion/running_sum.py): server memory one payload's, not one per client. For rules
+    # whose fusion is a sum (fedavg, personalized, task_arithmetic, rmtllmf) over a lossless channel,
+    # without norm-outlier rejection (it compares every reply's norm before any is fused).
+    running_sum: bool = False
     # Central differential privacy (DP-FedAvg, fedllm/fusion/privacy.py): clip each update to
     # dp_clip_norm, average uniformly, add Gaussian noise of dp_noise_multiplier x clip / n;
     # the epsilon spent at dp_delta is logged every round. None: off.

@@ -47,7 +47,7 @@ class ClientUpdate:
     """One client's checked reply: its flat delta in the server's layout, example count, metrics."""
 
     node_id: int
-    delta: torch.Tensor  # flat, in the server's layout
+    delta: torch.Tensor | None  # flat, in the server's layout (None: added into the round's running sum)
     num_examples: int
     metrics: dict[str, float]
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # flat statistics a fusion rule asked for

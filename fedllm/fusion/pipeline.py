@@ -29,6 +29,7 @@ from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, stack_rows, unflatten
 from fedllm.fusion.lora_products import LoraProducts, SvdProducts
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
+from fedllm.fusion.running_sum import RunningSum
 from fedllm.strategies import FusionRule, FusionSpace, InsufficientUpdates, build_rule, statistic_layouts
 from fedllm.strategies.optimizers import build_optimizer
 from fedllm.workloads import Workload
@@ -187,6 +188,23 @@ class FusionPipeline:
         filter comparing clients would break the one-client sensitivity (fedllm/fusion/privacy.py)."""
         return None if self.dp is not None else self.cfg.strategy.reject_norm_ratio
 
+    def running_sum(self) -> RunningSum | None:
+        """An empty running sum for a round's replies under strategy.running_sum (the config checked the
+        rule, channel and reply checks allow it), else None: the round keeps a stack."""
+        if not self.cfg.strategy.running_sum:
+            return None
+        return RunningSum(self.layout.numel, self.rule.running_sum)
+
+    def fuse_running(self, running: RunningSum) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The fused delta of a round whose replies were added up as they arrived (lossless channel),
+        with the record a stacked round's fusion would give."""
+        started = time.perf_counter()
+        fused = running.result()
+        record = {**self.channel.lossless_report(running.count, self.layout.numel).summary(),
+                  "update_norm": float(torch.linalg.vector_norm(fused)),
+                  "seconds_channel": 0.0, "seconds_fusion": time.perf_counter() - started}
+        return fused, record
+
     def exceeds_privacy_budget(self) -> bool:
         """True when the next round would spend more than ``strategy.dp_target_epsilon``."""
         target = self.cfg.strategy.dp_target_epsilon
@@ -266,15 +284,20 @@ class FusionPipeline:
 
     # ---------------------------------------------------------------- a server round
     def __call__(self, global_params: Tensors, updates: list[ClientUpdate], seed: int,
-                 population: int | None = None, server_round: int = 1) -> tuple[Tensors, dict[str, Any]]:
+                 population: int | None = None, server_round: int = 1,
+                 running: RunningSum | None = None) -> tuple[Tensors, dict[str, Any]]:
         """The round's new global parameters and its record; ``population``: the clients sampling draws
-        from (DP divides by the expected cohort, fraction_train x population)."""
+        from (DP divides by the expected cohort, fraction_train x population); ``running``: the updates'
+        deltas, already added up as they arrived (strategy.running_sum)."""
         self.rule.population = population
         if self.dp is not None:
             self.dp.expected_cohort = self.cfg.strategy.fraction_train * population if population else None
         self.start_round(global_params)
-        fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space, self.space,
-                                     self.pad)
+        if running is not None:
+            fused, record = self.fuse_running(running)
+        else:
+            fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space,
+                                         self.space, self.pad)
         if self.ledger is not None and fused is not None:
             record["dp_epsilon"] = self.ledger.spend()
         started = time.perf_counter()
