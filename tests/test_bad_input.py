@@ -75,6 +75,8 @@ CONFIG_CASES = [
     ("quantize-too-many-bits", ["channel.kind=quantize", "channel.bits=32"], "channel.bits"),
     ("unknown-tracker", ["output.tracking=wandb"], "output.tracking"),
     ("weight-delta-without-lora", ["peft.fuse_lora_as=weight_delta"], "peft.fuse_lora_as 'weight_delta' merges"),
+    ("running-sum-with-median", ["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "strategy.name=median"],
+     "strategy.running_sum: strategy 'median' needs every reply at once"),
 ]
 
 MODEL_CASES = [

@@ -1,4 +1,5 @@
-"""One round's replies: pulled as they arrive, checked, and kept only as rows of one stack.
+"""One round's replies: pulled as they arrive, checked, and kept only as rows of one stack (or,
+with strategy.running_sum, added into one sum and not kept at all).
 
 Every sampled client ends in exactly one of used (an update), rejected (it replied, but not
 usably: an error, a bad payload, an outlier) and missing (no reply within the round's timeout, or
