@@ -229,3 +229,66 @@ def test_adamerging_starts_from_its_initial_coefficient_on_every_task_vector():
 
     deltas = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
     assert torch.allclose(build_rule("adamerging", {"init": 0.3})(deltas, torch.ones(2)), 0.3 * deltas.sum(dim=0))
+
+
+def test_layer_wise_adamerging_follows_fusionbenchs_layer_wise_merged_model():
+    """fedllm's layer-wise AdaMerging (coefficients per task and tensor, Adam on the entropy of the
+    merged model's predictions, the classification workload's entropy) against FusionBench 0.2.33's
+    own pieces: LayerWiseMergedModel (clamped weights, theta0 + sum_t w_tl tau_tl), its entropy_loss,
+    and the Adam loop of its layer-wise AdaMerging, on one batch of unlabelled inputs."""
+    import copy
+    from types import SimpleNamespace
+
+    from fusion_bench.method.adamerging.entropy_loss import entropy_loss
+    from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights
+
+    from fedllm.strategies.adamerging import AdaMergingParams, learn_coefficients
+    from fedllm.workloads.classification import Classification
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.hidden(x)))
+
+    torch.manual_seed(0)
+    pretrained, inputs = Toy(), torch.randn(32, 6)
+    finetuned = [copy.deepcopy(pretrained) for _ in range(3)]
+    for m in finetuned:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+    names = [n for n, _ in pretrained.named_parameters()]
+    layout = Layout(tuple(names), tuple(tuple(p.shape) for p in pretrained.parameters()))
+    before = {n: p.detach().clone() for n, p in pretrained.named_parameters()}
+    rows = torch.stack([flatten({n: p.detach() - before[n] for n, p in m.named_parameters()}, layout) for m in finetuned])
+    steps, lr, init = 15, 0.01, 0.3
+
+    # FusionBench: its merged model, its loss, the Adam loop of LayerWiseAdaMergingAlgorithm.test_time_adaptation
+    reference = LayerWiseMergedModel(get_layer_wise_weights(3, len(names), init_values=init), copy.deepcopy(pretrained),
+                                     [copy.deepcopy(m) for m in finetuned], clamp_weights=True)
+    optimizer = torch.optim.Adam([reference.merge_weight], lr=lr)
+    reference.merge_weights()
+    for _ in range(steps):
+        entropy_loss(reference(inputs)).backward(retain_graph=True)
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.merge_weights()
+
+    # fedllm: the same coefficients learnt through a MergeContext whose entropy is the workload's
+    entropy_of = SimpleNamespace(_logits=lambda bundle, examples, model: model(x=examples))
+    ctx = SimpleNamespace(bundle=SimpleNamespace(model=copy.deepcopy(pretrained)), before=before, seed=0,
+                          few_shot=lambda shots: inputs,
+                          entropy=lambda examples, model=None: Classification.prediction_entropy(entropy_of, None, examples, model))
+    merged, record = learn_coefficients(rows, layout, ctx, AdaMergingParams(
+        granularity="layer", objective="entropy", steps=steps, lr=lr, init=init))
+    learnt = reference.merge_weight.detach()
+    assert 0.0 < learnt.min() and learnt.max() < 1.0  # inside [0, 1]: FusionBench's clamp of a copy and ours agree
+    assert (learnt - init).abs().max() > 1e-2  # the coefficients moved: agreeing is not agreeing on the start
+    assert record["adamerging_coefficients"] == pytest.approx({n: float(learnt[:, i].mean()) for i, n in enumerate(names)},
+                                                             abs=1e-5)
+    for name in names:
+        assert torch.allclose(merged[name], reference._merged_state_dict[name].detach(), atol=1e-5), name
+    assert record["adamerging_entropy_after"] == pytest.approx(float(entropy_loss(reference(inputs))), abs=1e-5)
