@@ -42,13 +42,6 @@ class RunningSum:
         self.weight_total += self.weight(num_examples)
         self.count += 1
 
-    def add(self, flat: torch.Tensor, num_examples: int) -> None:
-        """Add a whole reply given as one flat vector."""
-        if flat.numel() != self.total.numel():
-            raise ValueError(f"a reply of {flat.numel()} values does not fit a running sum of {self.total.numel()}")
-        self.add_piece(0, flat, num_examples)
-        self.count_reply(num_examples)
-
     def result(self) -> torch.Tensor:
         """The fused delta in float32: the weighted mean or the sum of every reply added."""
         if self.count == 0:
