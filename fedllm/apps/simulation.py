@@ -12,17 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedllm.apps.ray_start import EarlyRay, backend_config, without_prestarted_workers
 from fedllm.config import ExperimentConfig
 from fedllm.core.errors import DataError
 
 
 def simulate(cfg: ExperimentConfig, clients: int, cpus_per_client: float = 1.0, resume: Path | None = None,
              echo: Callable[[str], None] = print, ray_address: str | None = None,
-             gpus_per_client: float = 0.0) -> Path:
+             gpus_per_client: float = 0.0, early_ray: EarlyRay | None = None) -> Path:
     """One run with ``clients`` simulated edge clients; returns its results folder. ``ray_address``: run
     the clients on an existing Ray cluster (``ray start --head`` on one machine, ``ray start
     --address=HEAD:PORT`` on the others) instead of a Ray instance of this machine's cores; each client
-    reserves ``cpus_per_client`` cores and ``gpus_per_client`` GPUs (a fraction shares one)."""
+    reserves ``cpus_per_client`` cores and ``gpus_per_client`` GPUs (a fraction shares one). ``early_ray``:
+    Ray already being started with this backend config (``fedllm run``, fedllm/apps/ray_start.py)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flwr.simulation import run_simulation
 
@@ -34,27 +36,27 @@ def simulate(cfg: ExperimentConfig, clients: int, cpus_per_client: float = 1.0, 
     # Everything that can be wrong with the input fails here, in one line, before Ray starts or a
     # results folder is made: the data for this many clients, the results folder, the model and
     # its PEFT set-up (the server's run is set up now and handed to the ServerApp).
-    workload_for(cfg).check_data(clients)
-    prepared = FederatedRun(None, cfg, echo, resume)
-    out: list[Path] = []
-    failed: list[Exception] = []
-    run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=echo, prepared=prepared,
-                                              on_error=failed.append),
-                   client_app=client_app,
-                   num_supernodes=clients,
-                   backend_config=backend_config(cpus_per_client, gpus_per_client, ray_address))
+    try:
+        workload_for(cfg).check_data(clients)
+        prepared = FederatedRun(None, cfg, echo, resume)
+        out: list[Path] = []
+        failed: list[Exception] = []
+        without_prestarted_workers()
+        if early_ray is not None:
+            early_ray.wait()
+        run_simulation(server_app=make_server_app(cfg, on_done=out.append, resume=resume, echo=echo,
+                                                  prepared=prepared, on_error=failed.append),
+                       client_app=client_app,
+                       num_supernodes=clients,
+                       backend_config=backend_config(cpus_per_client, gpus_per_client, ray_address))
+    finally:
+        if early_ray is not None:
+            early_ray.release()
     if failed:
         raise failed[0]
     if not out:
         raise RuntimeError("the simulation ended without finishing the run (see the log above)")
     return out[0]
-
-
-def backend_config(cpus_per_client: float, gpus_per_client: float, ray_address: str | None) -> dict:
-    """Flower's Ray backend: client resources, and either this machine's cores or a cluster to join."""
-    resources = {"num_cpus": cpus_per_client, **({"num_gpus": gpus_per_client} if gpus_per_client else {})}
-    init = {"address": ray_address} if ray_address else {"num_cpus": os.cpu_count() or 1}
-    return {"client_resources": resources, "init_args": init}
 
 
 @dataclass
