@@ -80,7 +80,6 @@ def test_flower_runs_on_the_early_ray_and_it_is_gone_after_the_run(monkeypatch, 
     run_dir = simulate(cfg, 2, early_ray=early, echo=lambda line: None)
     assert callers == ["fedllm-ray-start"]  # Flower found Ray running and did not start another
     assert read_metrics(run_dir)[-1]["clients_used"] == 2  # the workers imported fedllm: PYTHONPATH reached them
-    early._thread.join(timeout=30)
     assert not early._thread.is_alive() and not ray.is_initialized()
 
 
@@ -95,7 +94,7 @@ def test_a_run_that_fails_before_the_simulation_leaves_no_ray_behind(monkeypatch
     early = EarlyRay(backend_config(1.0, 0.0, None))
     with pytest.raises(DataError, match="cannot fill 100000 clients"):
         simulate(cfg, 100_000, early_ray=early, echo=lambda line: None)
-    early._thread.join(timeout=60)  # it waits for Ray to be up, then shuts it down
+    # simulate returned only once the thread had Ray up and shut it down again: none is left for a next run
     assert callers == ["fedllm-ray-start"]
     assert not early._thread.is_alive() and not ray.is_initialized()
     assert not any(tmp_path.iterdir())  # and no results folder was made

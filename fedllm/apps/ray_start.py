@@ -59,8 +59,7 @@ def ray_init_kwargs(backend_config: dict) -> dict:
 
 class EarlyRay:
     """Ray being started in a background thread; ``wait()`` before Flower's simulation starts,
-    ``release()`` when it has ended (Flower shuts Ray down itself; after a failure before the
-    simulation, the thread does)."""
+    ``release()`` when it has ended."""
 
     def __init__(self, backend_config: dict) -> None:
         self._config = backend_config
@@ -94,4 +93,8 @@ class EarlyRay:
         return self.error is None
 
     def release(self) -> None:
+        """The run is over: if Flower has not shut Ray down (the run failed before the simulation), the
+        thread does, and this waits for it, so that no Ray is left for the next run in this process to
+        find (and lose mid-run)."""
         self._done.set()
+        self._thread.join()
