@@ -33,9 +33,10 @@ def simulate(cfg: ExperimentConfig, clients: int, cpus_per_client: float = 1.0, 
     from fedllm.apps.server_app import make_server_app
     from fedllm.workloads import workload_for
 
-    # Everything that can be wrong with the input fails here, in one line, before Ray starts or a
-    # results folder is made: the data for this many clients, the results folder, the model and
-    # its PEFT set-up (the server's run is set up now and handed to the ServerApp).
+    # Everything that can be wrong with the input fails here, in one line, before the simulation starts
+    # or a results folder is made (under ``fedllm run`` Ray may already be coming up meanwhile; it is
+    # shut down again before the error returns): the data for this many clients, the results folder,
+    # the model and its PEFT set-up (the server's run is set up now and handed to the ServerApp).
     try:
         workload_for(cfg).check_data(clients)
         prepared = FederatedRun(None, cfg, echo, resume)
