@@ -126,3 +126,37 @@ def test_a_run_with_a_running_sum_ends_where_the_stacked_run_does(tiny_overrides
     for name, value in stacked.items():
         assert torch.allclose(summed[name], value, rtol=1e-5, atol=1e-7), name
     assert summed_record["accuracy"] == pytest.approx(stacked_record["accuracy"], abs=0.021)  # 100 test examples: one flipped tie is 0.01
+
+
+def _peak_torch_bytes(work) -> int:
+    """The most CPU memory torch's allocator held at once while ``work`` ran, beyond what it held before
+    (torch's profiler reports every allocation and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def test_adding_a_reply_allocates_no_copy_and_taking_the_result_holds_sum_plus_result_at_most():
+    """The sum is float64 (2 payloads); adding a float32 tensor must not make a float64 copy of it (a
+    whole payload for MiniLM's embeddings), and the result (1 payload) must not be built through a
+    float64 temporary (the mean's division was one: 2 more payloads at the server's peak)."""
+    n = 3_000_000
+    values = [torch.randn(n, generator=torch.Generator().manual_seed(s)) * 10.0 ** s for s in range(3)]
+    examples = [17, 250, 3]
+    running = RunningSum(n, "mean")
+    assert _peak_torch_bytes(lambda: [running.add_piece(0, v, e) for v, e in zip(values, examples)]) < n
+    reference = torch.zeros(n, dtype=torch.float64)  # the same adds, in the same order, then one division
+    for v, e in zip(values, examples):
+        reference.add_(v.to(torch.float64), alpha=float(e))
+    [running.count_reply(e) for e in examples]
+    taken = []
+    assert _peak_torch_bytes(lambda: taken.append(running.result())) <= 4 * n + 8 * (1 << 20)
+    assert torch.equal(taken[0], (reference / sum(examples)).to(torch.float32))
+    with pytest.raises(RuntimeError, match="result was taken"):
+        running.result()

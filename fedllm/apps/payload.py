@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedllm.apps.array_view import tensor_in_place
 from fedllm.apps.fingerprint import code_fingerprint, code_location
 from fedllm.core.lora_ranks import RANK_METRIC, rank_axis, rank_layout
 from fedllm.core.types import ClientUpdate
@@ -58,7 +59,7 @@ def _checked_arrays(arrays: ArrayRecord, layout: Layout, node: int, what: str) -
     offset = 0
     for name, shape, size in zip(layout.names, layout.shapes, layout.sizes):
         try:
-            values = torch.from_numpy(arrays[name].numpy())
+            values = tensor_in_place(arrays[name])
         except (TypeError, ValueError) as exc:  # not a NumPy array, or bytes that do not parse as one
             raise RejectedReply(f"client {node}: {name} cannot be read as an array ({exc})") from None
         if values.is_complex() or values.dtype == torch.bool:
@@ -89,7 +90,7 @@ def _added_to(running: RunningSum, arrays: ArrayRecord, layout: Layout, node: in
     reply must not leave half of itself in the sum. It is read twice (check, then add) so that no
     copy of the whole payload is made."""
     bad = sum(int((~torch.isfinite(values)).sum()) for _, values in _checked_arrays(arrays, layout, node, "parameter")
-              if torch.is_floating_point(values))
+              if torch.is_floating_point(values) and not all_finite(values))  # counted only when there is a bad one
     if bad:
         raise _non_finite(node, "parameter", bad)
     for offset, values in _checked_arrays(arrays, layout, node, "parameter"):

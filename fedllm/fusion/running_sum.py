@@ -24,7 +24,7 @@ class RunningSum:
         if kind not in ("mean", "sum"):
             raise ValueError(f"a running sum is a 'mean' or a 'sum', not {kind!r}")
         self.kind = kind
-        self.total = torch.zeros(numel, dtype=torch.float64)
+        self.total: torch.Tensor | None = torch.zeros(numel, dtype=torch.float64)
         self.weight_total = 0.0
         self.count = 0
 
@@ -35,17 +35,30 @@ class RunningSum:
     def add_piece(self, offset: int, values: torch.Tensor, num_examples: int) -> None:
         """Add one tensor of a reply at ``offset`` of the flat layout; call :meth:`count_reply` once the
         reply's every piece is in (a reply is checked whole before any piece is added)."""
-        piece = self.total[offset:offset + values.numel()]
-        piece.add_(values.reshape(-1).to(torch.float64), alpha=self.weight(num_examples))
+        # float32 into float64 in place: torch casts value by value as it adds (no float64 copy of the
+        # tensor, which for MiniLM's word embeddings would be a whole payload's 94 MB)
+        self._sum()[offset:offset + values.numel()].add_(values.reshape(-1), alpha=self.weight(num_examples))
 
     def count_reply(self, num_examples: int) -> None:
         self.weight_total += self.weight(num_examples)
         self.count += 1
 
-    def result(self) -> torch.Tensor:
-        """The fused delta in float32: the weighted mean or the sum of every reply added."""
+    def result(self, block: int = 1 << 20) -> torch.Tensor:
+        """The fused delta in float32: the weighted mean or the sum of every reply added. Taking it
+        ends the sum: the float64 values are converted ``block`` at a time and freed, so the server
+        holds at most sum + result (3 payloads) for an instant, then the result alone (1)."""
         if self.count == 0:
             raise ValueError("fusion needs at least one client delta")
-        if self.kind == "mean":
-            return (self.total / self.weight_total).to(torch.float32)
-        return self.total.to(torch.float32)
+        total, self.total = self._sum(), None
+        fused = torch.empty(total.numel(), dtype=torch.float32)
+        for start in range(0, total.numel(), block):
+            values = total[start:start + block]
+            if self.kind == "mean":
+                values.div_(self.weight_total)  # in float64, as the whole division would be
+            fused[start:start + block] = values
+        return fused
+
+    def _sum(self) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("this running sum's result was taken: a round starts a new one")
+        return self.total
