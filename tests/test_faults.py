@@ -155,3 +155,42 @@ def test_median_survives_sign_flipping_clients_that_break_plain_averaging(tiny_o
         final[rule] = (rounds[0]["accuracy"], rounds[-1]["accuracy"])
     assert final["median"][1] > final["median"][0] + 0.15  # robust: keeps learning
     assert final["median"][1] > final["fedavg"][1] + 0.1  # plain averaging is dragged back
+
+
+def test_replies_pulled_together_are_each_freed_once_taken():
+    """One pull may return every reply of a round (64 full-model payloads in simulation, where all
+    wait in the server's own process): each must be dropped as soon as it is taken, not held until
+    the last is. A fake SuperLink hands out 4 replies in one pull; when each is taken, the ones
+    taken before it are gone."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    from fedllm.apps.payload import DELTA, METRICS
+    from fedllm.apps.replies import Replies, gather
+    from fedllm.core.vectors import Layout
+
+    layout = Layout.of({"w": torch.zeros(3)})
+
+    def reply(node, message_id):
+        meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id=message_id,
+                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+        return Message(metadata=meta, content=RecordDict({DELTA: ArrayRecord(torch_state_dict={"w": torch.ones(3) * node}),
+                                                          METRICS: MetricRecord({"num-examples": 5})}))
+
+    taken, alive_before = [], []
+
+    class Watched(Replies):
+        def take(self, node, message, layout, stat_layouts):
+            gc.collect()
+            alive_before.append(sum(ref() is not None for ref in taken))
+            taken.append(weakref.ref(message))
+            super().take(node, message, layout, stat_layouts)
+
+    grid = _TimedGrid({n: 0.0 for n in (1, 2, 3, 4)}, reply)
+    messages = [SimpleNamespace(metadata=SimpleNamespace(message_id="", dst_node_id=n)) for n in (1, 2, 3, 4)]
+    out = gather(grid, messages, Watched([1, 2, 3, 4]), layout, {}, timeout=5.0, outlier_ratio=None, rnd=1)
+    assert sorted(u.node_id for u in out.updates) == [1, 2, 3, 4]
+    assert alive_before == [0, 0, 0, 0]

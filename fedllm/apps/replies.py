@@ -123,13 +123,20 @@ def gather(grid: Grid, messages: list[Message], out: Replies, layout: Layout, st
     messages.clear()
     pending, started = set(node_of), time.monotonic()
     while pending and time.monotonic() - started < (timeout or float("inf")):
-        for reply in grid.pull_messages(list(pending)):
-            message_id = reply.metadata.reply_to_message_id
-            pending.discard(message_id)
-            out.take(node_of[message_id], reply, layout, stat_layouts)
+        arrived = list(grid.pull_messages(list(pending)))[::-1]
+        while arrived:  # one pull may bring many whole payloads: each is dropped once taken
+            _take(arrived.pop(), out, node_of, pending, layout, stat_layouts)
         if pending:
             time.sleep(0.05)
     waited = time.monotonic() - started
     out.phases = {"send": sent - sending, "wait_for_clients": time.monotonic() - sent - out.check_seconds}
     out.finish(outlier_ratio, sorted(node_of[m] for m in pending), rnd, waited)
     return out
+
+
+def _take(reply: Message, out: Replies, node_of: dict[str, int], pending: set[str], layout: Layout,
+          stat_layouts: dict[str, Layout]) -> None:
+    """One pulled reply into ``out``; a function, so that nothing holds the message once it is taken."""
+    message_id = reply.metadata.reply_to_message_id
+    pending.discard(message_id)
+    out.take(node_of[message_id], reply, layout, stat_layouts)
