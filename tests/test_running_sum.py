@@ -86,12 +86,50 @@ def test_a_bad_reply_leaves_nothing_in_the_sum():
     replies.compact()  # no stack: nothing to move
 
 
+def test_running_dp_fedavg_clips_each_reply_as_it_arrives_and_equals_the_stacked_dp_in_any_order():
+    """DP-FedAvg (McMahan et al.): every reply clipped to L2 norm C, summed, noised, divided by the
+    expected cohort. Against the closed form (noise off) and the stacked DP rule (noise on, the same
+    seed: the same draw), for every arrival order."""
+    from fedllm.fusion.privacy import DifferentiallyPrivate
+
+    payloads = _payloads(seed=3)  # norms from ~1e-3 to ~1e5: some rows clipped, some not
+    flat = {n: flatten(t, LAYOUT) for n, (t, _) in payloads.items()}
+    clip, cohort = 20.0, 7.5
+    norms = {n: float(torch.linalg.vector_norm(f.double())) for n, f in flat.items()}
+    assert min(norms.values()) < clip < max(norms.values())
+    closed = sum(f.double() * min(1.0, clip / norms[n]) for n, f in flat.items()) / cohort
+    stacked = torch.stack([flat[n] for n in sorted(payloads)])
+
+    def dp_rule(noise: float) -> DifferentiallyPrivate:
+        rule = DifferentiallyPrivate(build_rule("fedavg", {}), clip, noise, seed=11)
+        rule.expected_cohort = cohort
+        return rule
+
+    for noise in (0.0, 1.3):
+        reference = dp_rule(noise)(stacked, torch.ones(5))
+        results = []
+        for order in itertools.permutations(payloads):
+            replies = Replies(sorted(payloads), running=RunningSum(LAYOUT.numel, "sum", clip_norm=clip))
+            for node in order:
+                replies.take(node, _reply(node, *payloads[node]), LAYOUT, {})
+            results.append(dp_rule(noise).private_mean(replies.running.result(), replies.running.count))
+        assert all(torch.equal(r, results[0]) for r in results)
+        assert torch.allclose(results[0], reference, rtol=1e-5, atol=1e-6)
+        # the closed form, with the rule's Gaussian draw (std sigma C on the sum) when the noise is on
+        draw = torch.randn(LAYOUT.numel, generator=torch.Generator().manual_seed(11)).double() * noise * clip
+        assert torch.allclose(results[0].double(), closed + draw / cohort, rtol=1e-5, atol=1e-9)
+
+
+def test_dp_with_a_running_sum_is_a_valid_config():
+    cfg = load_config(None, ["model.name=tiny-bert", "strategy.running_sum=true", "strategy.dp_clip_norm=1.0"])
+    assert cfg.strategy.running_sum and cfg.strategy.reject_norm_ratio is not None  # DP turns that check off
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["strategy.running_sum=true"], "strategy.reject_norm_ratio compares every reply's norm"),
     (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "strategy.name=median"],
      "strategy 'median' needs every reply at once; a running sum serves fedavg, personalized, rmtllmf, task_arithmetic"),
     (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "channel.kind=awgn"], "channel.kind: ideal"),
-    (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "strategy.dp_clip_norm=1.0"], "dp_clip_norm"),
 ])
 def test_running_sum_is_refused_where_a_round_needs_its_rows_apart(overrides, message):
     with pytest.raises(ConfigError, match="strategy.running_sum: .*" + message.replace("(", r"\(").replace(")", r"\)")):
@@ -99,9 +137,12 @@ def test_running_sum_is_refused_where_a_round_needs_its_rows_apart(overrides, me
 
 
 @pytest.mark.slow
-def test_a_run_with_a_running_sum_ends_where_the_stacked_run_does(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["strategy.dp_clip_norm=0.05", "strategy.dp_noise_multiplier=0.5"]],
+                         ids=["fedavg", "dp-fedavg"])
+def test_a_run_with_a_running_sum_ends_where_the_stacked_run_does(tiny_overrides, tmp_path, extra):
     """The real ServerApp and ClientApp under Flower's simulation, one round of 3 clients: the global
-    model after the round is the stacked FedAvg's to float32 rounding."""
+    model after the round is the stacked FedAvg's (or DP-FedAvg's, with the same noise draw) to float32
+    rounding."""
     from flwr.simulation import run_simulation
 
     from fedllm.apps.client_app import app as client_app
@@ -113,7 +154,7 @@ def test_a_run_with_a_running_sum_ends_where_the_stacked_run_does(tiny_overrides
         out = tmp_path / str(running)
         cfg = load_config(None, [*tiny_overrides, "rounds=1", "client.max_steps=10", "data.max_test_per_task=100",
                                  "strategy.reject_norm_ratio=null",
-                                 f"strategy.running_sum={str(running).lower()}", f"output.dir={out}"])
+                                 f"strategy.running_sum={str(running).lower()}", f"output.dir={out}", *extra])
         run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=3,
                        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
         run_dir = next(out.glob("*/*/summary.json")).parent
@@ -150,11 +191,11 @@ def test_adding_a_reply_allocates_no_copy_and_taking_the_result_holds_sum_plus_r
     values = [torch.randn(n, generator=torch.Generator().manual_seed(s)) * 10.0 ** s for s in range(3)]
     examples = [17, 250, 3]
     running = RunningSum(n, "mean")
-    assert _peak_torch_bytes(lambda: [running.add_piece(0, v, e) for v, e in zip(values, examples)]) < n
+    assert _peak_torch_bytes(lambda: [running.add_piece(0, v, running.weight(e)) for v, e in zip(values, examples)]) < n
     reference = torch.zeros(n, dtype=torch.float64)  # the same adds, in the same order, then one division
     for v, e in zip(values, examples):
         reference.add_(v.to(torch.float64), alpha=float(e))
-    [running.count_reply(e) for e in examples]
+    [running.count_reply(running.weight(e)) for e in examples]
     taken = []
     assert _peak_torch_bytes(lambda: taken.append(running.result())) <= 4 * n + 8 * (1 << 20)
     assert torch.equal(taken[0], (reference / sum(examples)).to(torch.float32))

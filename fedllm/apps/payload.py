@@ -87,15 +87,20 @@ def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str,
 
 def _added_to(running: RunningSum, arrays: ArrayRecord, layout: Layout, node: int, num_examples: int) -> None:
     """Add a reply into the round's running sum, tensor by tensor, once all of it is checked: a bad
-    reply must not leave half of itself in the sum. It is read twice (check, then add) so that no
-    copy of the whole payload is made."""
-    bad = sum(int((~torch.isfinite(values)).sum()) for _, values in _checked_arrays(arrays, layout, node, "parameter")
-              if torch.is_floating_point(values) and not all_finite(values))  # counted only when there is a bad one
+    reply must not leave half of itself in the sum. It is read twice (check, and its norm where the
+    sum clips; then add) so that no copy of the whole payload is made."""
+    bad, squares = 0, 0.0
+    for _, values in _checked_arrays(arrays, layout, node, "parameter"):
+        if torch.is_floating_point(values) and not all_finite(values):
+            bad += int((~torch.isfinite(values)).sum())
+        elif running.needs_norm:
+            squares += float(torch.linalg.vector_norm(values if torch.is_floating_point(values) else values.double())) ** 2
     if bad:
         raise _non_finite(node, "parameter", bad)
+    weight = running.weight(num_examples, math.sqrt(squares) if running.needs_norm else None)
     for offset, values in _checked_arrays(arrays, layout, node, "parameter"):
-        running.add_piece(offset, values, num_examples)
-    running.count_reply(num_examples)
+        running.add_piece(offset, values, weight)
+    running.count_reply(weight)
 
 
 class RejectedReply(ValueError):

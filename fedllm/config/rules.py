@@ -159,11 +159,9 @@ def a_running_sum_needs_a_summable_round(cfg: "ExperimentConfig") -> None:
                f"{', '.join(summable)}")
     elif not cfg.channel.registry().get(cfg.channel.kind).lossless:
         why = f"channel {cfg.channel.kind!r} draws its noise for the round's whole batch; use channel.kind: ideal"
-    elif strategy.reject_norm_ratio is not None:
+    elif strategy.reject_norm_ratio is not None and strategy.dp_clip_norm is None:  # DP turns that check off
         why = ("strategy.reject_norm_ratio compares every reply's norm with the round's median before any is "
                "fused; set it to null")
-    elif strategy.dp_clip_norm is not None:
-        why = "strategy.dp_clip_norm (DP) clips and fuses the round's updates together; drop one of the two"
     elif cfg.eval.fusion_metrics:
         why = "eval.fusion_metrics scores each client's own model from its delta; set it to false"
     elif cfg.peft.fuse_lora_as != "factors":

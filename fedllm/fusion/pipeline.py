@@ -193,6 +193,8 @@ class FusionPipeline:
         rule, channel and reply checks allow it), else None: the round keeps a stack."""
         if not self.cfg.strategy.running_sum:
             return None
+        if self.dp is not None:  # each reply clipped as it is added; the noise goes on the finished sum
+            return RunningSum(self.layout.numel, "sum", clip_norm=self.dp.clip_norm)
         return RunningSum(self.layout.numel, self.rule.running_sum)
 
     def fuse_running(self, running: RunningSum) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -200,6 +202,8 @@ class FusionPipeline:
         with the record a stacked round's fusion would give."""
         started = time.perf_counter()
         fused = running.result()
+        if self.dp is not None:
+            fused = self.dp.private_mean(fused, running.count)
         record = {**self.channel.lossless_report(running.count, self.layout.numel).summary(),
                   "update_norm": float(torch.linalg.vector_norm(fused)),
                   "seconds_channel": 0.0, "seconds_fusion": time.perf_counter() - started}

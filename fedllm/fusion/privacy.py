@@ -47,11 +47,17 @@ class DifferentiallyPrivate(FusionRule):
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = deltas.shape[0]
+        return self.private_mean(self.inner(clip_rows(deltas, self.clip_norm), torch.ones(n)) * n, n)
+
+    def private_mean(self, clipped_sum: torch.Tensor, n: int) -> torch.Tensor:
+        """The sum of ``n`` clipped updates, noised and divided by the fixed denominator: what the
+        round releases. The stacked path and a running sum (clipping each reply as it arrives,
+        fedllm/fusion/running_sum.py) both end here."""
         m = self.expected_cohort or n
-        total = self.inner(clip_rows(deltas, self.clip_norm), torch.ones(n)) * n  # the sum of the clipped rows
         if self.noise_multiplier > 0:
-            total = total + torch.randn(total.shape, generator=self.generator) * (self.noise_multiplier * self.clip_norm)
-        return total / m
+            noise = torch.randn(clipped_sum.shape, generator=self.generator)
+            clipped_sum = clipped_sum + noise * (self.noise_multiplier * self.clip_norm)
+        return clipped_sum / m
 
 
 class PrivacyLedger:

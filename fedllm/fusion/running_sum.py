@@ -3,11 +3,13 @@
 For a rule whose fusion is a (weighted) sum (``FusionRule.running_sum``: FedAvg's example-weighted
 mean, task arithmetic's sum) over a channel that delivers every payload as sent, the server adds each
 checked reply into one accumulator and frees it: memory is one accumulator however many clients
-reply, instead of one row per client. The accumulator is float64: float32 payloads (and their
-products with whole example counts) add up in it with rounding far below float32's, so the result,
-rounded to float32 at the end, does not depend on the order the replies arrived in (the stacked
-path sorts replies by client for the same reason) and agrees with the stacked rule to float32
-rounding.
+reply, instead of one row per client. Under DP-FedAvg (fedllm/fusion/privacy.py) each reply is
+clipped to the clip norm as it is added (its norm is taken while it is checked), and the private
+mean's noise and fixed denominator are applied to the finished sum. The accumulator is float64:
+float32 payloads (and their products with whole example counts or clip factors) add up in it with
+rounding far below float32's, so the result, rounded to float32 at the end, does not depend on the
+order the replies arrived in (the stacked path sorts replies by client for the same reason) and
+agrees with the stacked rule to float32 rounding.
 """
 
 from __future__ import annotations
@@ -18,29 +20,44 @@ import torch
 
 
 class RunningSum:
-    """Sum of ``weight x payload`` over the replies added so far, with the weights' total."""
+    """Sum of ``weight x payload`` over the replies added so far, with the weights' total. A reply's
+    weight is its example count in a ``"mean"``, 1 in a ``"sum"``, and with ``clip_norm`` (DP, a
+    ``"sum"``) the factor that brings its L2 norm down to ``clip_norm``."""
 
-    def __init__(self, numel: int, kind: Literal["mean", "sum"]) -> None:
+    def __init__(self, numel: int, kind: Literal["mean", "sum"], clip_norm: float | None = None) -> None:
         if kind not in ("mean", "sum"):
             raise ValueError(f"a running sum is a 'mean' or a 'sum', not {kind!r}")
-        self.kind = kind
+        if clip_norm is not None and kind != "sum":
+            raise ValueError("a clipped running sum (DP) is a plain sum of the clipped replies: kind 'sum'")
+        self.kind, self.clip_norm = kind, clip_norm
         self.total: torch.Tensor | None = torch.zeros(numel, dtype=torch.float64)
         self.weight_total = 0.0
         self.count = 0
 
-    def weight(self, num_examples: int) -> float:
-        """A reply's weight: its example count in a mean, 1 in a plain sum."""
+    @property
+    def needs_norm(self) -> bool:
+        """True when a reply's weight depends on its L2 norm (DP clipping)."""
+        return self.clip_norm is not None
+
+    def weight(self, num_examples: int, norm: float | None = None) -> float:
+        """A reply's weight: its example count in a mean, 1 in a plain sum, its clip factor under DP
+        (``clip_rows``' ``min(1, C / max(norm, 1e-12))``)."""
+        if self.clip_norm is not None:
+            if norm is None:
+                raise ValueError("a clipped running sum needs each reply's L2 norm")
+            return min(1.0, self.clip_norm / max(norm, 1e-12))
         return float(num_examples) if self.kind == "mean" else 1.0
 
-    def add_piece(self, offset: int, values: torch.Tensor, num_examples: int) -> None:
-        """Add one tensor of a reply at ``offset`` of the flat layout; call :meth:`count_reply` once the
-        reply's every piece is in (a reply is checked whole before any piece is added)."""
+    def add_piece(self, offset: int, values: torch.Tensor, weight: float) -> None:
+        """Add one tensor of a reply, times the reply's :meth:`weight`, at ``offset`` of the flat layout;
+        call :meth:`count_reply` once the reply's every piece is in (a reply is checked whole before
+        any piece is added)."""
         # float32 into float64 in place: torch casts value by value as it adds (no float64 copy of the
         # tensor, which for MiniLM's word embeddings would be a whole payload's 94 MB)
-        self._sum()[offset:offset + values.numel()].add_(values.reshape(-1), alpha=self.weight(num_examples))
+        self._sum()[offset:offset + values.numel()].add_(values.reshape(-1), alpha=weight)
 
-    def count_reply(self, num_examples: int) -> None:
-        self.weight_total += self.weight(num_examples)
+    def count_reply(self, weight: float) -> None:
+        self.weight_total += weight
         self.count += 1
 
     def result(self, block: int = 1 << 20) -> torch.Tensor:
