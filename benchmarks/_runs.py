@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from memory_timeline import timeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,15 +22,19 @@ def fedllm_run(experiment: str, overrides: list[str], clients: int, out_root: Pa
     cmd = [sys.executable, "-m", "fedllm.apps.cli", "run", str(REPO / experiment), "--clients", str(clients),
            *[a for o in [*overrides, f"output.dir={out_root}"] for a in ("--set", o)]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    log = out_root / "run.log"
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    sampled = timeline(cmd, log=log, env=env, cwd=REPO)  # the process's memory by kind, every 50 ms
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"fedllm run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    if sampled["returncode"] != 0:
+        raise RuntimeError(f"fedllm run failed ({sampled['returncode']}):\n{log.read_text()[-3000:]}")
     run_dir = next(p.parent for p in out_root.rglob("summary.json"))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    peaks = sampled["peaks"]
+    memory = {"heap_peak_mb": peaks["RssAnon"]["RssAnon"], "shared_peak_mb": peaks["RssShmem"]["RssShmem"],
+              "rss_peak_mb": peaks["VmHWM"]["VmHWM"]} if peaks else {}
     return {"wall": wall, "summary": json.loads((run_dir / "summary.json").read_text()), "records": records,
-            "dir": str(run_dir)}
+            "dir": str(run_dir), "memory": memory}
 
 
 def stats(values: list[float]) -> dict[str, float]:

@@ -32,10 +32,11 @@ def sample(pid: int) -> dict[str, float] | None:
         return None
 
 
-def timeline(command: list[str], interval: float = 0.05, log: Path | None = None) -> dict:
+def timeline(command: list[str], interval: float = 0.05, log: Path | None = None, env: dict | None = None,
+             cwd: Path | None = None) -> dict:
     """Run ``command`` to its end, sampling it; its output goes to ``log`` (default: discarded)."""
     with open(log or "/dev/null", "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         started, samples = time.monotonic(), []
         while proc.poll() is None:
             fields = sample(proc.pid)

@@ -40,6 +40,9 @@ def measure(sizes: list[int], rounds: int, trained: int = 8, extra: list[str] | 
         rows.append({"clients": n, "trained_per_round": used, "round_time_median": statistics.median(times),
                      "round_time_min": min(times), "first_round_time": run["records"][1]["round_time"],
                      "server_peak_rss_mb": run["summary"]["server_peak_rss_mb"],
+                     # sampled to the process's exit, by kind: its own heap, and Ray's object-store pages
+                     "server_peak_heap_mb": run["memory"].get("heap_peak_mb"),
+                     "server_peak_shared_mb": run["memory"].get("shared_peak_mb"),
                      "payload_mb_per_round": run["summary"]["bytes_up_per_client_per_round"] * used / 2**20,
                      "process_wall_s": run["wall"], "final_accuracy": run["summary"]["final_accuracy"]})
     base = rows[0]["round_time_median"]
@@ -48,12 +51,18 @@ def measure(sizes: list[int], rounds: int, trained: int = 8, extra: list[str] | 
     return {"rounds": rounds, "trained": trained, "overrides": extra or [], "rows": rows}
 
 
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def markdown(result: dict) -> str:
     lines = ["Round time vs registered clients (tiny-bert, 10 steps per trained client):", "",
              "| clients | trained | round time median (min) s | x N=first | first round s | server peak RSS MB "
-             "| payload MB/round | process wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| of it: heap / Ray shared MB (peaks, sampled) | payload MB/round | process wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['clients']} | {r['trained_per_round']} | {r['round_time_median']:.2f} ({r['round_time_min']:.2f}) "
               f"| {r['round_time_ratio']:.2f} | {r['first_round_time']:.1f} | {r['server_peak_rss_mb']:.0f} "
+              f"| {_mb(r.get('server_peak_heap_mb'))} / {_mb(r.get('server_peak_shared_mb'))} "
               f"| {r['payload_mb_per_round']:.1f} | {r['process_wall_s']:.1f} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
