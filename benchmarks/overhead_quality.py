@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -122,18 +123,56 @@ def plain_loop_program(experiment: str, extra: list[str], clients: int, rounds: 
     return seconds, score, steps_taken, round_times, wall
 
 
+SUPERLINK = "flower-superlink --insecure --simulation"  # the local SuperLink `flwr run .` starts
+
+
+def flwr_run_program(experiment: str, extra: list[str], clients: int, rounds: int, steps: int) -> tuple[float, float]:
+    """The README's ``flwr run . --stream`` with ``clients`` simulated SuperNodes and the same settings
+    (``experiment`` and the overrides passed as the app's run config). Returns its wall time and the
+    run's final metric. The first such command also starts Flower's local SuperLink, which stays."""
+    over = overrides(rounds, steps, extra, clients)
+    bad = [o for o in over if "'" in o or any(c.isspace() for c in o)]
+    if bad:
+        raise SystemExit(f"--flwr-run: {bad} cannot pass through flwr run's run config (space-separated, "
+                         "single-quoted): drop --flwr-run or write the override without spaces or quotes")
+    results = Path(tempfile.mkdtemp(prefix="fedllm-flwr-run-"))
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--stream",
+           "--federation-config", f"num-supernodes={clients}",
+           "--run-config", f"experiment='{experiment}' overrides='{' '.join(over)}' results-dir='{results}'"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    wall = time.perf_counter() - start
+    summaries = list(results.rglob("summary.json"))  # flwr run exits 0 even when the run failed
+    if proc.returncode != 0 or not summaries:
+        raise RuntimeError(f"flwr run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    summary = json.loads(summaries[0].read_text())
+    metric = next(v for k, v in summary.items() if k.startswith("final_") and isinstance(v, (int, float)))
+    return wall, metric
+
+
+def _superlinks() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", SUPERLINK], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in found}
+
+
 def measure(experiment: str, extra: list[str], clients: int, rounds: int, steps: int, repeats: int,
-            with_centralised: bool = True) -> dict:
+            with_centralised: bool = True, with_flwr_run: bool = False) -> dict:
     cfg = load_config(REPO / experiment, overrides(rounds, steps, extra, clients))
     metric = workload_for(cfg).metric
-    fed, loop, central, programs = [], [], [], []
+    fed, loop, central, programs, flwr_runs = [], [], [], [], []
+    superlinks_before = _superlinks() if with_flwr_run else set()
     for _ in range(repeats):
         fed.append(fedllm_run(experiment, overrides(rounds, steps, extra, clients), clients))
         *in_loop, program_wall = plain_loop_program(experiment, extra, clients, rounds, steps)
         loop.append(tuple(in_loop))
         programs.append(program_wall)
+        if with_flwr_run:
+            flwr_runs.append(flwr_run_program(experiment, extra, clients, rounds, steps))
         if with_centralised:
             central.append(centralised(cfg, loop[-1][2]))  # the same number of steps, on pooled data
+    for pid in _superlinks() - superlinks_before:  # the SuperLink this benchmark started goes again
+        os.kill(pid, 15)
     walls = [f["wall"] for f in fed]
     best = fed[walls.index(statistics.median(walls))] if repeats % 2 else fed[walls.index(min(walls))]
     recs = best["records"][1:]
@@ -183,6 +222,11 @@ def measure(experiment: str, extra: list[str], clients: int, rounds: int, steps:
         "plain_loop_program_s": stats(programs),
         "overhead_vs_program_ratio": statistics.median(walls) / statistics.median(programs),
         "overhead_rounds_only_ratio": rounds_s / statistics.median(t for t, _, _, _ in loop),
+        # flwr run . (the README's Run command) against the loop as a program; the first repeat also
+        # started the local SuperLink when none was running
+        **({"flwr_run_s": stats([w for w, _ in flwr_runs]), "flwr_run_first_s": flwr_runs[0][0],
+            "flwr_run_vs_program_ratio": statistics.median(w for w, _ in flwr_runs) / statistics.median(programs),
+            "flwr_run_accuracy": statistics.median(a for _, a in flwr_runs)} if flwr_runs else {}),
         "breakdown": breakdown, "per_round": per_round,
         "federated_accuracy": fed_acc, "plain_loop_accuracy": loop_acc, "centralised_accuracy": central_acc,
         "quality_ratio": fed_acc / central_acc, "total_steps": loop[0][2],
@@ -206,10 +250,14 @@ def markdown_one(r: dict) -> str:
         *([f"| plain loop as a program (fresh process: imports, model, loop, evaluation) | "
            f"{r['plain_loop_program_s']['median']:.1f} ({r['plain_loop_program_s']['min']:.1f}) | |"]
           if "plain_loop_program_s" in r else []),
+        *([f"| flwr run . --stream (local SuperLink; first of the repeats {r['flwr_run_first_s']:.1f} s) | "
+           f"{r['flwr_run_s']['median']:.1f} ({r['flwr_run_s']['min']:.1f}) | {r['flwr_run_accuracy']:.4f} |"]
+          if "flwr_run_s" in r else []),
         *([f"| centralised, pooled data, same {r['total_steps']} steps | {r['centralised_s']['median']:.1f} "
            f"({r['centralised_s']['min']:.1f}) | {r['centralised_accuracy']:.4f} |"] if r["centralised_s"] else []), "",
-        *([f"Overhead, both as programs: fedllm run / plain loop program = {r['overhead_vs_program_ratio']:.2f}."]
-          if "overhead_vs_program_ratio" in r else []),
+        *([f"Overhead, both as programs: fedllm run / plain loop program = {r['overhead_vs_program_ratio']:.2f}"
+           + (f"; flwr run . / plain loop program = {r['flwr_run_vs_program_ratio']:.2f}" if "flwr_run_s" in r else "")
+           + "."] if "overhead_vs_program_ratio" in r else []),
         f"Overhead: federated / plain loop (its timed part, in a process that has imported everything) = "
         f"{r['overhead_ratio']:.2f} (rounds only: "
         f"{r['overhead_rounds_only_ratio']:.2f}); quality: federated / centralised = {r['quality_ratio']:.3f}. "
@@ -250,6 +298,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/overhead_quality.json"))
+    parser.add_argument("--flwr-run", action="store_true",
+                        help="also time the README's `flwr run . --stream` (a local SuperLink) with the same settings")
     parser.add_argument("--plain-loop-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop_child:  # one plain loop in this fresh process (plain_loop_program); its values as JSON
@@ -257,8 +307,8 @@ def main() -> None:
         cfg = load_config(REPO / args.experiment, overrides(args.rounds, args.steps, args.overrides, clients))
         print(json.dumps(plain_loop(cfg, clients)))
         return
-    result = {"runs": [measure(args.experiment, args.overrides, n, args.rounds, args.steps, args.repeats, args.centralised)
-                       for n in args.clients]}
+    result = {"runs": [measure(args.experiment, args.overrides, n, args.rounds, args.steps, args.repeats, args.centralised,
+                               args.flwr_run) for n in args.clients]}
     save_and_print(result, args.out, markdown(result))
 
 
