@@ -127,7 +127,8 @@ SUPERLINK = "flower-superlink --insecure --simulation"  # the local SuperLink `f
 
 
 def flwr_run_program(experiment: str, extra: list[str], clients: int, rounds: int, steps: int) -> tuple[float, float]:
-    """The README's ``flwr run . --stream`` with ``clients`` simulated SuperNodes and the same settings
+    """The README's ``flwr run . --stream`` with ``clients`` simulated SuperNodes of one core each (as
+    ``fedllm run`` gives its clients; Flower's default is 2, one client at a time on 2 cores) and the same settings
     (``experiment`` and the overrides passed as the app's run config). Returns its wall time and the
     run's final metric. The first such command also starts Flower's local SuperLink, which stays."""
     over = overrides(rounds, steps, extra, clients)
@@ -137,7 +138,7 @@ def flwr_run_program(experiment: str, extra: list[str], clients: int, rounds: in
                          "single-quoted): drop --flwr-run or write the override without spaces or quotes")
     results = Path(tempfile.mkdtemp(prefix="fedllm-flwr-run-"))
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--stream",
-           "--federation-config", f"num-supernodes={clients}",
+           "--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1",  # as fedllm run's clients
            "--run-config", f"experiment='{experiment}' overrides='{' '.join(over)}' results-dir='{results}'"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     start = time.perf_counter()
