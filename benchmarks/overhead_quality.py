@@ -172,8 +172,9 @@ def measure(experiment: str, extra: list[str], clients: int, rounds: int, steps:
             flwr_runs.append(flwr_run_program(experiment, extra, clients, rounds, steps))
         if with_centralised:
             central.append(centralised(cfg, loop[-1][2]))  # the same number of steps, on pooled data
-    for pid in _superlinks() - superlinks_before:  # the SuperLink this benchmark started goes again
-        os.kill(pid, 15)
+    if with_flwr_run:
+        for pid in _superlinks() - superlinks_before:  # the SuperLink this benchmark started goes again
+            os.kill(pid, 15)
     walls = [f["wall"] for f in fed]
     best = fed[walls.index(statistics.median(walls))] if repeats % 2 else fed[walls.index(min(walls))]
     recs = best["records"][1:]
