@@ -15,13 +15,19 @@ from memory_timeline import timeline
 REPO = Path(__file__).resolve().parents[1]
 
 
+def offline_env() -> dict[str, str]:
+    """A run's environment as README's Run section sets it: nothing from the hub, no per-run
+    re-install of the app's dependencies by Flower."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
 def fedllm_run(experiment: str, overrides: list[str], clients: int, out_root: Path | None = None) -> dict:
     """One experiment in its own process (Ray started and stopped inside); returns wall time,
     the run's summary and its per-round records."""
     out_root = out_root or Path(tempfile.mkdtemp(prefix="fedllm-bench-"))
     cmd = [sys.executable, "-m", "fedllm.apps.cli", "run", str(REPO / experiment), "--clients", str(clients),
            *[a for o in [*overrides, f"output.dir={out_root}"] for a in ("--set", o)]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = offline_env()
     log = out_root / "run.log"
     start = time.perf_counter()
     sampled = timeline(cmd, log=log, env=env, cwd=REPO)  # the process's memory by kind, every 50 ms

@@ -37,7 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _runs import REPO, fedllm_run, save_and_print, stats  # noqa: E402
+from _runs import REPO, fedllm_run, offline_env, save_and_print, stats  # noqa: E402
 from fedllm.clients import TRAINERS, client_seed  # noqa: E402
 
 from fedllm.config import load_config  # noqa: E402
@@ -140,7 +140,7 @@ def flwr_run_program(experiment: str, extra: list[str], clients: int, rounds: in
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--stream",
            "--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1",  # as fedllm run's clients
            "--run-config", f"experiment='{experiment}' overrides='{' '.join(over)}' results-dir='{results}'"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = offline_env()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - start
