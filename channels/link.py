@@ -10,7 +10,10 @@ payload's average power. Each packet sees one block-fading gain h and gets circu
 noise CN(0, sigma^2) with sigma^2 = P / SNR; ``snr_db`` is thus the SNR of a unit-gain link at
 the 1 m reference distance, and fading and path loss lower the received SNR from there.
 The receiver equalises with its channel estimate (perfect, or with error variance
-``csi_error_var``) by zero-forcing or LMMSE and undoes the power scaling.
+``csi_error_var``) by zero-forcing or LMMSE and undoes the power scaling. A packet of zeros (a
+full fine-tune's embedding rows of tokens no client saw) has no scale to undo: its side
+information (power 0) tells the receiver, which puts zeros there, as the limit of ever smaller
+packets would (their error shrinks with their power); it does not amplify the noise to unit power.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def transmit_link(symbols: torch.Tensor, params: LinkParams, meta: ClientMeta, g
         est = out[:, lo:hi].view(n, k, -1)  # written in place: no batch-sized temporary besides the noise
         torch.mul(part, signal_coef, out=est)
         if sigma2 > 0:
-            noise_coef = (w[:, b] * math.sqrt(sigma2) / alpha).unsqueeze(2)
+            silent = torch.where(packet_power > 0, 1 / alpha, torch.zeros_like(alpha))  # 0: a packet of zeros
+            noise_coef = (w[:, b] * math.sqrt(sigma2) * silent).unsqueeze(2)
             est.add_(complex_noise(tuple(part.shape), generator).mul_(noise_coef))
     return out

@@ -35,6 +35,22 @@ def test_awgn_mse_matches_noise_variance(snr_db):
     assert torch.allclose(report.snr_db, torch.full((2,), snr_db), atol=0.25)
 
 
+@pytest.mark.parametrize("kind", ["awgn", "rayleigh"])
+def test_a_packet_of_zeros_arrives_as_zeros_and_the_payload_keeps_the_snr_of_the_rest(kind):
+    """Per-packet power normalisation: the other packets each arrive at the link's SNR (MSE = their power /
+    SNR, the closed form), and a packet of zeros, whose side information says power 0, arrives as zeros
+    (before: unit-power noise there, 10 log10(0.03^2) = -30 dB below the payload)."""
+    x = _gaussian(2, 200_000) * 0.03
+    x[:, 8192:16384] = 0.0  # packet 1 of 4096 complex symbols
+    x[1, :] = 0.0  # a whole payload of zeros
+    y, report = build_channel(kind, {"snr_db": 10.0, "equalizer": "zf"} if kind == "rayleigh" else {"snr_db": 10.0},
+                              3).transmit(x, _meta(2))
+    assert torch.equal(y[:, 8192:16384], torch.zeros(2, 8192)) and torch.equal(y[1], torch.zeros(200_000))
+    if kind == "awgn":
+        assert float(report.mse[0]) == pytest.approx(float(x[0].pow(2).mean()) / 10, rel=0.03)
+        assert float(report.snr_db[0]) == pytest.approx(10.0, abs=0.15)
+
+
 def test_awgn_noiseless_is_identity_and_odd_lengths_round_trip():
     x = _gaussian(3, 1001)
     y, report = build_channel("awgn", {"snr_db": float("inf")}, 0).transmit(x, _meta(3))
