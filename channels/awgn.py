@@ -14,6 +14,7 @@ from .link import LinkParams, transmit_link
 @CHANNELS.register("awgn")
 class AWGNChannel(Channel):
     Params = LinkParams
+    independent = True
 
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
         check_batch(batch)

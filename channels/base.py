@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,6 +85,10 @@ class Channel(ABC):
     # Delivers every payload exactly as sent, whatever else is in the batch: the server may then add
     # the replies into a running sum as they arrive (strategy.running_sum) instead of sending a stack.
     lossless: ClassVar[bool] = False
+    # What a client's payload becomes depends on it and the channel's noise alone, not on the rest of
+    # the batch: the server may send each reply through the channel as it arrives (strategy.running_sum),
+    # with noise from that client's own stream (:meth:`for_one`) so the draw does not depend on arrival order.
+    independent: ClassVar[bool] = False
 
     def __init__(self, params: ChannelParams, seed: int = 0) -> None:
         self.params = params
@@ -93,6 +99,18 @@ class Channel(ABC):
     def delivers_sum(cls, params: Mapping[str, Any]) -> bool:
         """True when the server receives only the clients' superposed sum (over-the-air), not each payload."""
         return False
+
+    @classmethod
+    def takes_one_at_a_time(cls, params: Mapping[str, Any]) -> bool:
+        """True when payloads may cross one by one (:attr:`lossless` or :attr:`independent`)."""
+        return cls.lossless or cls.independent
+
+    def for_one(self, key: str) -> "Channel":
+        """This channel with a noise stream of its own, seeded by (seed, ``key``): a payload sent alone
+        through it gets the same noise whichever payloads were sent before it (arrival order, resume)."""
+        twin = copy.copy(self)
+        twin.generator = torch.Generator().manual_seed(stream_seed(self.seed, key))
+        return twin
 
     def lossless_report(self, clients: int, values: int) -> ChannelReport:
         """The report of a lossless channel's transmission of ``clients`` payloads of ``values`` each,
@@ -112,6 +130,12 @@ CHANNELS: Registry[type[Channel]] = Registry("channel")
 
 
 # --------------------------------------------------------------------------- shared math
+
+
+def stream_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for the noise stream named ``key`` of a channel seeded ``seed``: streams of
+    different keys are unrelated (a hash, not ``seed + i``, which would make neighbours overlap)."""
+    return int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:16], 16) >> 1
 
 
 def db_to_linear(db: float) -> float:

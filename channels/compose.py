@@ -50,6 +50,16 @@ class ComposedChannel(Channel):
         last = params.get("chain", [{}])[-1]
         return CHANNELS.get(last.get("kind", "ideal")).delivers_sum(last)
 
+    @classmethod
+    def takes_one_at_a_time(cls, params: Mapping[str, Any]) -> bool:
+        return all(CHANNELS.get(stage.get("kind", "ideal")).takes_one_at_a_time(stage)
+                   for stage in params.get("chain", []))
+
+    def for_one(self, key: str) -> "ComposedChannel":
+        twin = super().for_one(key)
+        twin.stages = [stage.for_one(key) for stage in self.stages]  # each stage its own stream (own seed)
+        return twin
+
     def __init__(self, params: ComposeParams, seed: int = 0) -> None:
         super().__init__(params, seed)
         self.stages = [build_channel(s["kind"], {k: v for k, v in s.items() if k != "kind"}, seed + 7919 * i)

@@ -25,6 +25,7 @@ class ErasureParams(ChannelParams):
 @CHANNELS.register("erasure")
 class ErasureChannel(Channel):
     Params = ErasureParams
+    independent = True
 
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
         check_batch(batch)

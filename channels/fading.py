@@ -33,6 +33,7 @@ class RicianParams(FadingParams):
 
 class _FadingChannel(Channel):
     Params = FadingParams
+    independent = True
 
     def gains(self, n: int, blocks: int) -> torch.Tensor:
         return complex_noise((n, blocks), self.generator)  # Rayleigh: h ~ CN(0, 1)

@@ -59,6 +59,7 @@ def stochastic_quantize(x: torch.Tensor, bits: int, generator: torch.Generator) 
 @CHANNELS.register("quantize")
 class QuantizeChannel(Channel):
     Params = QuantizeParams
+    independent = True
 
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
         check_batch(batch)

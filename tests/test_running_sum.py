@@ -129,7 +129,12 @@ def test_dp_with_a_running_sum_is_a_valid_config():
     (["strategy.running_sum=true"], "strategy.reject_norm_ratio compares every reply's norm"),
     (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "strategy.name=median"],
      "strategy 'median' needs every reply at once; a running sum serves fedavg, personalized, rmtllmf, task_arithmetic"),
-    (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "channel.kind=awgn"], "channel.kind: ideal"),
+    (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "channel.kind=byzantine"],
+     "channel 'byzantine' needs the round's payloads together"),
+    (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "channel.kind=ota"],
+     "channel.kind one of awgn, erasure, ideal, quantize, rayleigh, rician"),
+    (["strategy.running_sum=true", "strategy.reject_norm_ratio=null", "channel.kind=compose",
+      "channel.chain=[{kind: quantize}, {kind: ota}]"], "channel 'compose' needs the round's payloads together"),
 ])
 def test_running_sum_is_refused_where_a_round_needs_its_rows_apart(overrides, message):
     with pytest.raises(ConfigError, match="strategy.running_sum: .*" + message.replace("(", r"\(").replace(")", r"\)")):

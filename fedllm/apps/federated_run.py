@@ -107,7 +107,7 @@ class FederatedRun:
         """Sample clients, send them the global group, and take their replies (fedllm/apps/replies.py)."""
         identities = self.nodes.identities
         sampled = sample_clients(self.cfg.strategy, {n: identities[n] for n in self.available_nodes()}, self.rng)
-        running = self.pipeline.running_sum()
+        running = self.pipeline.running_sum(rnd)
         out = Replies(sampled, stack=None if running else torch.empty(len(sampled), self.pipeline.layout.numel),
                       row_order=sorted(sampled, key=lambda n: identities[n]), running=running)  # fusion's order
         return gather(self.grid, self._messages(sampled, rnd), out, self.pipeline.layout, self.pipeline.stat_layouts,

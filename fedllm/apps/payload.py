@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedllm.apps.array_view import tensor_in_place
 from fedllm.apps.fingerprint import code_fingerprint, code_location
 from fedllm.core.lora_ranks import RANK_METRIC, rank_axis, rank_layout
-from fedllm.core.types import ClientUpdate
+from fedllm.core.types import ClientUpdate, client_identity
 from fedllm.core.vectors import Layout, all_finite
 from fedllm.fusion.running_sum import RunningSum
 
@@ -85,10 +85,15 @@ def _checked_flat(arrays: ArrayRecord, layout: Layout, node: int, what: str,
     return flat
 
 
-def _added_to(running: RunningSum, arrays: ArrayRecord, layout: Layout, node: int, num_examples: int) -> None:
+def _added_to(running: RunningSum, arrays: ArrayRecord, layout: Layout, node: int, num_examples: int,
+              client_id: str) -> None:
     """Add a reply into the round's running sum, tensor by tensor, once all of it is checked: a bad
     reply must not leave half of itself in the sum. It is read twice (check, and its norm where the
-    sum clips; then add) so that no copy of the whole payload is made."""
+    sum clips; then add) so that no copy of the whole payload is made. Over a noisy channel the reply
+    crosses it whole first (one flat copy, freed once added)."""
+    if running.uplink is not None:
+        running.add_received(client_id, _checked_flat(arrays, layout, node, "parameter"), num_examples)
+        return
     bad, squares = 0, 0.0
     for _, values in _checked_arrays(arrays, layout, node, "parameter"):
         if torch.is_floating_point(values) and not all_finite(values):
@@ -139,7 +144,7 @@ def parse_reply(msg: Message, layout: Layout, node: int | None = None,
             raise RejectedReply(f"client {node}: reply lacks the '{name}' statistics the fusion rule needs")
         stats[name] = _checked_flat(content.array_records[STAT + name], stat_layout, node, name)
     if running is not None:  # last: a reply rejected for anything is not in the sum
-        _added_to(running, content.array_records[DELTA], layout, node, num_examples)
+        _added_to(running, content.array_records[DELTA], layout, node, num_examples, client_identity(metrics, node))
     return ClientUpdate(node, flat, num_examples, {k: float(v) for k, v in metrics.items()}, stats, rank)
 
 

@@ -157,8 +157,11 @@ def a_running_sum_needs_a_summable_round(cfg: "ExperimentConfig") -> None:
         summable = sorted(n for n in strategy.registry().names() if strategy.registry().get(n).running_sum)
         why = (f"strategy {strategy.name!r} needs every reply at once; a running sum serves "
                f"{', '.join(summable)}")
-    elif not cfg.channel.registry().get(cfg.channel.kind).lossless:
-        why = f"channel {cfg.channel.kind!r} draws its noise for the round's whole batch; use channel.kind: ideal"
+    elif not (channels := cfg.channel.registry()).get(cfg.channel.kind).takes_one_at_a_time(cfg.channel.params()):
+        one_by_one = sorted(n for n in channels.names() if channels.get(n).lossless or channels.get(n).independent)
+        why = (f"channel {cfg.channel.kind!r} needs the round's payloads together (it sums them, or its attackers "
+               f"see every update); a running sum takes each reply through the channel alone: channel.kind one of "
+               f"{', '.join(one_by_one)} (or a compose chain of them)")
     elif strategy.reject_norm_ratio is not None and strategy.dp_clip_norm is None:  # DP turns that check off
         why = ("strategy.reject_norm_ratio compares every reply's norm with the round's median before any is "
                "fused; set it to null")

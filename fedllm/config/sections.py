@@ -253,8 +253,10 @@ class StrategySection(NamedSection):
     reject_norm_ratio: PositiveFloat | None = 100.0
     # Add each reply into one running sum as it arrives instead of holding the round's (clients x values)
     # stack (fedllm/fusion/running_sum.py): server memory one payload's, not one per client. For rules
-    # whose fusion is a sum (fedavg, personalized, task_arithmetic, rmtllmf) over a lossless channel,
-    # without norm-outlier rejection (it compares every reply's norm before any is fused).
+    # whose fusion is a sum (fedavg, personalized, task_arithmetic, rmtllmf) over a channel that takes each
+    # payload on its own (ideal, awgn, fading, erasure, quantize: each reply crosses it as it arrives, with
+    # noise from its client's own stream, so not the stacked round's draw), without norm-outlier rejection
+    # (it compares every reply's norm before any is fused).
     running_sum: bool = False
     # Central differential privacy (DP-FedAvg, fedllm/fusion/privacy.py): clip each update to
     # dp_clip_norm, average uniformly, add Gaussian noise of dp_noise_multiplier x clip / n;

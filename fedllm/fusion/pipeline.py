@@ -28,6 +28,7 @@ from fedllm.core.lora_ranks import pad_rows, rank_layout
 from fedllm.core.types import ClientUpdate
 from fedllm.core.vectors import Layout, Tensors, add, get_tensors, set_tensors, stack_rows, unflatten
 from fedllm.fusion.lora_products import LoraProducts, SvdProducts
+from fedllm.fusion.per_client_uplink import PerClientUplink
 from fedllm.fusion.privacy import DifferentiallyPrivate, PrivacyLedger
 from fedllm.fusion.running_sum import RunningSum
 from fedllm.strategies import FusionRule, FusionSpace, InsufficientUpdates, build_rule, statistic_layouts
@@ -188,25 +189,31 @@ class FusionPipeline:
         filter comparing clients would break the one-client sensitivity (fedllm/fusion/privacy.py)."""
         return None if self.dp is not None else self.cfg.strategy.reject_norm_ratio
 
-    def running_sum(self) -> RunningSum | None:
-        """An empty running sum for a round's replies under strategy.running_sum (the config checked the
-        rule, channel and reply checks allow it), else None: the round keeps a stack."""
+    def running_sum(self, server_round: int = 1) -> RunningSum | None:
+        """An empty running sum for round ``server_round``'s replies under strategy.running_sum (the config
+        checked the rule, channel and reply checks allow it), else None: the round keeps a stack. Over a
+        noisy channel each reply crosses it alone first (fedllm/fusion/per_client_uplink.py)."""
         if not self.cfg.strategy.running_sum:
             return None
+        uplink = None if self.channel.lossless else PerClientUplink(self.channel, server_round)
         if self.dp is not None:  # each reply clipped as it is added; the noise goes on the finished sum
-            return RunningSum(self.layout.numel, "sum", clip_norm=self.dp.clip_norm)
-        return RunningSum(self.layout.numel, self.rule.running_sum)
+            return RunningSum(self.layout.numel, "sum", clip_norm=self.dp.clip_norm, uplink=uplink)
+        return RunningSum(self.layout.numel, self.rule.running_sum, uplink=uplink)
 
-    def fuse_running(self, running: RunningSum) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The fused delta of a round whose replies were added up as they arrived (lossless channel),
-        with the record a stacked round's fusion would give."""
+    def fuse_running(self, running: RunningSum) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """The fused delta of a round whose replies were added up as they arrived (``None`` if the channel
+        lost every payload), with the record a stacked round's fusion would give."""
         started = time.perf_counter()
+        report = (running.uplink.report() if running.uplink is not None
+                  else self.channel.lossless_report(running.count, self.layout.numel))
+        seconds = {"seconds_channel": running.uplink.seconds if running.uplink is not None else 0.0}
+        if running.count == 0:
+            return None, {**report.summary(), "all_lost": True, **seconds, "seconds_fusion": 0.0}
         fused = running.result()
         if self.dp is not None:
             fused = self.dp.private_mean(fused, running.count)
-        record = {**self.channel.lossless_report(running.count, self.layout.numel).summary(),
-                  "update_norm": float(torch.linalg.vector_norm(fused)),
-                  "seconds_channel": 0.0, "seconds_fusion": time.perf_counter() - started}
+        record = {**report.summary(), "update_norm": float(torch.linalg.vector_norm(fused)),
+                  **seconds, "seconds_fusion": time.perf_counter() - started}
         return fused, record
 
     def exceeds_privacy_budget(self) -> bool:

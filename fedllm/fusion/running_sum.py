@@ -9,14 +9,19 @@ mean's noise and fixed denominator are applied to the finished sum. The accumula
 float32 payloads (and their products with whole example counts or clip factors) add up in it with
 rounding far below float32's, so the result, rounded to float32 at the end, does not depend on the
 order the replies arrived in (the stacked path sorts replies by client for the same reason) and
-agrees with the stacked rule to float32 rounding.
+agrees with the stacked rule to float32 rounding. Over a noisy channel that takes payloads one by one
+(AWGN, fading, erasures, quantisation), each reply crosses it whole through its client's own noise
+stream before it is added (fedllm/fusion/per_client_uplink.py), and a payload the channel lost is not.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from fedllm.fusion.per_client_uplink import PerClientUplink
 
 
 class RunningSum:
@@ -24,12 +29,14 @@ class RunningSum:
     weight is its example count in a ``"mean"``, 1 in a ``"sum"``, and with ``clip_norm`` (DP, a
     ``"sum"``) the factor that brings its L2 norm down to ``clip_norm``."""
 
-    def __init__(self, numel: int, kind: Literal["mean", "sum"], clip_norm: float | None = None) -> None:
+    def __init__(self, numel: int, kind: Literal["mean", "sum"], clip_norm: float | None = None,
+                 uplink: "PerClientUplink | None" = None) -> None:
         if kind not in ("mean", "sum"):
             raise ValueError(f"a running sum is a 'mean' or a 'sum', not {kind!r}")
         if clip_norm is not None and kind != "sum":
             raise ValueError("a clipped running sum (DP) is a plain sum of the clipped replies: kind 'sum'")
         self.kind, self.clip_norm = kind, clip_norm
+        self.uplink = uplink  # None: the channel delivers every payload as sent, added straight from the reply
         self.total: torch.Tensor | None = torch.zeros(numel, dtype=torch.float64)
         self.weight_total = 0.0
         self.count = 0
@@ -55,6 +62,20 @@ class RunningSum:
         # float32 into float64 in place: torch casts value by value as it adds (no float64 copy of the
         # tensor, which for MiniLM's word embeddings would be a whole payload's 94 MB)
         self._sum()[offset:offset + values.numel()].add_(values.reshape(-1), alpha=weight)
+
+    def add_received(self, client_id: str, payload: torch.Tensor, num_examples: int) -> None:
+        """A whole checked reply sent through the round's uplink, then added as received (its weight
+        from what arrived: DP clips the received payload, as the stacked round does); a payload the
+        channel lost is left out, as the stacked round drops its row."""
+        if self.uplink is None:
+            raise ValueError("this running sum has no uplink: add a lossless channel's replies with add_piece")
+        received, lost = self.uplink.send(client_id, payload, num_examples)
+        if lost:
+            return
+        norm = float(torch.linalg.vector_norm(received, dtype=torch.float64)) if self.needs_norm else None
+        weight = self.weight(num_examples, norm)
+        self.add_piece(0, received, weight)
+        self.count_reply(weight)
 
     def count_reply(self, weight: float) -> None:
         self.weight_total += weight
