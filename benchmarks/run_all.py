@@ -6,7 +6,8 @@
 Sections (see each script's docstring): simulation overhead and quality at budget
 (overhead_quality.py; also GRPO on SmolLM2 and R-MTLLMF's full task vectors against the same steps in
 a plain loop), client cost and memory (client_cost.py), scaling in the number of
-clients (scaling.py), fusion throughput on 8 x 22.7M task vectors (fusion_throughput.py),
+clients (scaling.py) and the server's memory with every client trained (the stack against the
+running sum, scaling.py), fusion throughput on 8 x 22.7M task vectors (fusion_throughput.py),
 channel throughput (bench_channels.py) and a loopback deployment's round against a simulated one
 (deployment_round.py). Results go to results/benchmarks/ (one JSON per
 script, summary.json and summary.md).
@@ -29,6 +30,15 @@ PFIT_SMOLLM2 = ["--experiment", "experiments/pfit/smollm2/pfit.yaml", "--set", "
 PFIT_TINY = ["--experiment", "experiments/pfit/pfit_rewards.yaml", "--set", "channel={kind: ideal}", "--clients", "4",
              "--no-centralised", "--repeats", "1"]
 RMTLLMF = ["--experiment", "experiments/rmtllmf_jammed.yaml", "--clients", "3", "--rounds", "1", "--no-centralised"]
+# server memory with whole-model payloads (MiniLM task vectors, 86.6 MB a reply), every client trained
+MINILM_TV = ["--trained", "0", "--rounds", "1", "--set", "model.name=minilm", "--set", "strategy.name=task_arithmetic",
+             "--set", "strategy.server_lr=0.05", "--set", "client.max_steps=2", "--set", "strategy.reject_norm_ratio=null"]
+RUNNING = ["--set", "strategy.running_sum=true"]
+AWGN = ["--set", "channel.kind=awgn"]
+
+
+def _sizes(*sizes: int) -> list[str]:
+    return ["--sizes", *map(str, sizes)]
 
 PLANS = {
     # section: (script, quick args, full args)
@@ -41,10 +51,31 @@ PLANS = {
                          [*RMTLLMF, "--steps", "60", "--repeats", "1"]),
     "client_cost": ("client_cost", [], []),
     "scaling": ("scaling", ["--sizes", "4", "16", "64", "128", "--rounds", "3"], ["--sizes", "4", "16", "64", "128"]),
+    # README's server-memory rows: the stack against the running sum, over the ideal channel and AWGN
+    # (the stacked AWGN round holds stack + received batch + noise: at N = 64 about 17 GB, so up to 16)
+    "memory_all_trained": ("scaling", [*_sizes(4, 16), "--trained", "0", "--rounds", "2"],
+                           [*_sizes(4, 16, 64), "--trained", "0", "--rounds", "2"]),
+    "memory_median_awgn": ("scaling", [*_sizes(4, 16), "--trained", "0", "--rounds", "2", "--set", "strategy.name=median", *AWGN],
+                           [*_sizes(4, 16, 64), "--trained", "0", "--rounds", "2", "--set", "strategy.name=median", *AWGN]),
+    "memory_stack": ("scaling", [*_sizes(4, 16), *MINILM_TV], [*_sizes(4, 16, 64), *MINILM_TV]),
+    "memory_running": ("scaling", [*_sizes(4, 16), *MINILM_TV, *RUNNING], [*_sizes(4, 16, 64), *MINILM_TV, *RUNNING]),
+    "memory_stack_awgn": ("scaling", [*_sizes(4), *MINILM_TV, *AWGN], [*_sizes(4, 16), *MINILM_TV, *AWGN]),
+    "memory_running_awgn": ("scaling", [*_sizes(4, 16), *MINILM_TV, *RUNNING, *AWGN],
+                            [*_sizes(4, 16, 64), *MINILM_TV, *RUNNING, *AWGN]),
     "fusion_throughput": ("fusion_throughput", ["--repeats", "2"], ["--repeats", "3"]),
     "bench_channels": ("bench_channels", ["--d", "4000000", "--repeats", "2"], []),
     "deployment_round": ("deployment_round", ["--nodes", "2", "--rounds", "3", "--steps", "5"],
                          ["--nodes", "4", "--rounds", "4", "--steps", "20"]),
+}
+
+
+MEMORY_TITLES = {
+    "memory_all_trained": "tiny-bert FedAvg, every client trained, the stack",
+    "memory_median_awgn": "tiny-bert, median over AWGN, every client trained",
+    "memory_stack": "MiniLM task vectors, every client trained, the stack",
+    "memory_running": "MiniLM task vectors, every client trained, the running sum",
+    "memory_stack_awgn": "MiniLM task vectors over AWGN, the stack",
+    "memory_running_awgn": "MiniLM task vectors over AWGN, the running sum (each reply through the channel alone)",
 }
 
 
@@ -69,6 +100,11 @@ def summary_markdown(results: dict, seconds: dict) -> str:
         from scaling import markdown as sc
 
         lines += ["## Scaling in the number of clients", "", sc(results["scaling"])]
+    for name, title in MEMORY_TITLES.items():
+        if name in results:
+            from scaling import markdown as sc
+
+            lines += [f"## Server memory: {title}", "", sc(results[name])]
     if "fusion_throughput" in results:
         from fusion_throughput import markdown as fu
 
