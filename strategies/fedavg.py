@@ -11,6 +11,7 @@ from .base import FUSION_RULES, FusionRule, weighted_mean
 class FedAvg(FusionRule):
     averaging = True
     running_sum = "mean"
+    bfloat16_stack = True
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(deltas, weights)

@@ -22,16 +22,17 @@ from fedllm.core.errors import ConfigError
 from fedllm.core.vectors import Tensors
 
 from .adamerging import AdaMergingParams, learn_coefficients
-from .base import FUSION_RULES, FusionRule, MergeContext, RuleParams, by_column_blocks
+from .base import FUSION_RULES, FusionRule, MergeContext, RuleParams, by_column_blocks, column_sum
 from .realign import realign, realign_parameters
 
 
 @FUSION_RULES.register("task_arithmetic")
 class TaskArithmetic(FusionRule):
     running_sum = "sum"
+    bfloat16_stack = True
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return deltas.sum(dim=0)
+        return column_sum(deltas)
 
 
 class TiesParams(RuleParams):

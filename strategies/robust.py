@@ -16,6 +16,8 @@ from .base import FUSION_RULES, FusionRule, RuleParams, by_column_blocks, weight
 
 @FUSION_RULES.register("median")
 class Median(FusionRule):
+    bfloat16_stack = True
+
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = deltas.shape[0]
 
@@ -35,6 +37,7 @@ class TrimmedMeanParams(RuleParams):
 @FUSION_RULES.register("trimmed_mean")
 class TrimmedMean(FusionRule):
     Params = TrimmedMeanParams
+    bfloat16_stack = True
 
     def fuse(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = deltas.shape[0]

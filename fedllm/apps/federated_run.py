@@ -108,7 +108,8 @@ class FederatedRun:
         identities = self.nodes.identities
         sampled = sample_clients(self.cfg.strategy, {n: identities[n] for n in self.available_nodes()}, self.rng)
         running = self.pipeline.running_sum(rnd)
-        out = Replies(sampled, stack=None if running else torch.empty(len(sampled), self.pipeline.layout.numel),
+        stack = None if running else torch.empty(len(sampled), self.pipeline.layout.numel, dtype=self.pipeline.stack_dtype)
+        out = Replies(sampled, stack=stack,
                       row_order=sorted(sampled, key=lambda n: identities[n]), running=running)  # fusion's order
         return gather(self.grid, self._messages(sampled, rnd), out, self.pipeline.layout, self.pipeline.stat_layouts,
                       self.cfg.strategy.round_timeout, self.pipeline.outlier_ratio, rnd)

@@ -177,7 +177,7 @@ def reject_outlier_norms(updates: list[ClientUpdate], ratio: float | None) -> tu
     """Drop updates whose norm exceeds ``ratio`` x the median norm of the round (3+ updates)."""
     if ratio is None or len(updates) < 3:
         return updates, []
-    norms = torch.stack([torch.linalg.vector_norm(u.delta) for u in updates])
+    norms = torch.stack([torch.linalg.vector_norm(u.delta, dtype=torch.float32) for u in updates])
     bound = float(norms.median()) * ratio
     kept, reasons = [], []
     for u, norm in zip(updates, norms.tolist()):

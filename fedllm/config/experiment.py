@@ -59,7 +59,7 @@ class ExperimentConfig(_Section):
             data.pop("rl", None)
         if data["peft"].get("fuse_lora_as") == "factors":  # the default, as before the key existed
             data["peft"].pop("fuse_lora_as")
-        for key, default in (("sampling", "fixed"), ("dp_target_epsilon", None), ("running_sum", False),  # added later
+        for key, default in (("sampling", "fixed"), ("dp_target_epsilon", None), ("running_sum", False), ("stack_dtype", "float32"),  # added later
                              ("optimizer", {"name": "none"})):
             if data["strategy"].get(key) == default:
                 data["strategy"].pop(key)

@@ -176,10 +176,34 @@ def a_running_sum_needs_a_summable_round(cfg: "ExperimentConfig") -> None:
         raise ValueError(f"strategy.running_sum: {why} (or set strategy.running_sum: false)")
 
 
+def a_bfloat16_stack_is_fused_in_float32(cfg: "ExperimentConfig") -> None:
+    """strategy.stack_dtype: bfloat16 keeps the replies in bfloat16; only a rule that reads them a column
+    block at a time in float32, over a channel that hands the stack on as it is, fuses them as exactly."""
+    strategy, why = cfg.strategy, None
+    if strategy.stack_dtype == "float32":
+        return
+    if not _rule(cfg).bfloat16_stack:
+        staged = sorted(n for n in strategy.registry().names() if strategy.registry().get(n).bfloat16_stack)
+        why = f"strategy {strategy.name!r} computes on whole rows; a bfloat16 stack serves {', '.join(staged)}"
+    elif not cfg.channel.registry().get(cfg.channel.kind).lossless:
+        why = f"channel {cfg.channel.kind!r} computes on the stack as it is given; use channel.kind: ideal"
+    elif strategy.dp_clip_norm is not None:
+        why = "DP clips whole rows to a norm; set strategy.dp_clip_norm: null"
+    elif strategy.running_sum:
+        why = "strategy.running_sum holds no stack; drop one of the two"
+    elif cfg.peft.fuse_lora_as != "factors":
+        why = f"peft.fuse_lora_as {cfg.peft.fuse_lora_as!r} multiplies the rows' factors; use fuse_lora_as: factors"
+    elif cfg.peft.heterogeneous:
+        why = f"peft.ranks {cfg.peft.ranks}: payloads of other ranks are padded apart from the stack; use one rank"
+    if why:
+        raise ValueError(f"strategy.stack_dtype 'bfloat16': {why} (or set strategy.stack_dtype: float32)")
+
+
 RULES: list[Callable[["ExperimentConfig"], None]] = [
     rl_goes_with_the_rl_trainer, dp_is_for_averaging, amplification_needs_poisson_sampling, only_local_only_sends_nothing, frozen_layers_where_needed,
     personalisation_keeps_a_local_part, statistics_in_the_fused_space, both_halves_of_an_algorithm, a_summed_uplink_needs_averaging,
     heterogeneous_ranks_meet_in_one_space, a_quantized_base_stays_frozen, a_running_sum_needs_a_summable_round,
+    a_bfloat16_stack_is_fused_in_float32,
 ]
 
 

@@ -258,6 +258,11 @@ class StrategySection(NamedSection):
     # noise from its client's own stream, so not the stacked round's draw), without norm-outlier rejection
     # (it compares every reply's norm before any is fused).
     running_sum: bool = False
+    # The round's reply stack in bfloat16 (half the memory of float32) for rules that fuse it a column
+    # block at a time in float32 (fedavg, personalized, task_arithmetic, rmtllmf, median, trimmed_mean)
+    # over the ideal channel: each fused value within 2^-8 (bfloat16's rounding) of the float32 one,
+    # relative to the values it is made of (tests/test_bfloat16_stack.py).
+    stack_dtype: Literal["float32", "bfloat16"] = "float32"
     # Central differential privacy (DP-FedAvg, fedllm/fusion/privacy.py): clip each update to
     # dp_clip_norm, average uniformly, add Gaussian noise of dp_noise_multiplier x clip / n;
     # the epsilon spent at dp_delta is logged every round. None: off.

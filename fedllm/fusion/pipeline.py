@@ -189,6 +189,12 @@ class FusionPipeline:
         filter comparing clients would break the one-client sensitivity (fedllm/fusion/privacy.py)."""
         return None if self.dp is not None else self.cfg.strategy.reject_norm_ratio
 
+    @property
+    def stack_dtype(self) -> torch.dtype:
+        """What the round's reply stack holds (strategy.stack_dtype; the config checked the rule reads a
+        bfloat16 stack in float32)."""
+        return getattr(torch, self.cfg.strategy.stack_dtype)
+
     def running_sum(self, server_round: int = 1) -> RunningSum | None:
         """An empty running sum for round ``server_round``'s replies under strategy.running_sum (the config
         checked the rule, channel and reply checks allow it), else None: the round keeps a stack. Over a
@@ -316,7 +322,7 @@ class FusionPipeline:
         record.update(merge_record, seconds_merge=time.perf_counter() - started)
         if self.cfg.eval.fusion_metrics:  # each task's own model from its clean (pre-channel) task vector
             individual = {int(u.metrics["task"]): self.apply(
-                global_params, self.to_fusion_space(self.pad(u.delta[None], u.rank))[0], 1.0)
+                global_params, self.to_fusion_space(self.pad(u.delta[None].float(), u.rank))[0], 1.0)
                 for u in updates if u.metrics.get("task", -1) >= 0}
             record.update(self.workload.fusion_metrics(self.bundle, merged, individual))
         return merged, record
