@@ -35,6 +35,8 @@ MINILM_TV = ["--trained", "0", "--rounds", "1", "--set", "model.name=minilm", "-
              "--set", "strategy.server_lr=0.05", "--set", "client.max_steps=2", "--set", "strategy.reject_norm_ratio=null"]
 RUNNING = ["--set", "strategy.running_sum=true"]
 AWGN = ["--set", "channel.kind=awgn"]
+MEDIAN = ["--set", "strategy.name=median"]
+BF16 = ["--set", "strategy.stack_dtype=bfloat16"]
 
 
 def _sizes(*sizes: int) -> list[str]:
@@ -59,6 +61,9 @@ PLANS = {
                            [*_sizes(4, 16, 64), "--trained", "0", "--rounds", "2", "--set", "strategy.name=median", *AWGN]),
     "memory_stack": ("scaling", [*_sizes(4, 16), *MINILM_TV], [*_sizes(4, 16, 64), *MINILM_TV]),
     "memory_running": ("scaling", [*_sizes(4, 16), *MINILM_TV, *RUNNING], [*_sizes(4, 16, 64), *MINILM_TV, *RUNNING]),
+    "memory_median": ("scaling", [*_sizes(4, 16), *MINILM_TV, *MEDIAN], [*_sizes(4, 16, 64), *MINILM_TV, *MEDIAN]),
+    "memory_median_bf16": ("scaling", [*_sizes(4, 16), *MINILM_TV, *MEDIAN, *BF16],
+                           [*_sizes(4, 16, 64), *MINILM_TV, *MEDIAN, *BF16]),
     "memory_stack_awgn": ("scaling", [*_sizes(4), *MINILM_TV, *AWGN], [*_sizes(4, 16), *MINILM_TV, *AWGN]),
     "memory_running_awgn": ("scaling", [*_sizes(4, 16), *MINILM_TV, *RUNNING, *AWGN],
                             [*_sizes(4, 16, 64), *MINILM_TV, *RUNNING, *AWGN]),
@@ -74,6 +79,8 @@ MEMORY_TITLES = {
     "memory_median_awgn": "tiny-bert, median over AWGN, every client trained",
     "memory_stack": "MiniLM task vectors, every client trained, the stack",
     "memory_running": "MiniLM task vectors, every client trained, the running sum",
+    "memory_median": "MiniLM task vectors, median, a float32 stack",
+    "memory_median_bf16": "MiniLM task vectors, median, a bfloat16 stack (strategy.stack_dtype)",
     "memory_stack_awgn": "MiniLM task vectors over AWGN, the stack",
     "memory_running_awgn": "MiniLM task vectors over AWGN, the running sum (each reply through the channel alone)",
 }
