@@ -16,15 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, pyproject), the tests that start SuperLinks, SuperNodes
-    or Ray clusters run one after another in one worker: each would starve the other's processes on two
-    cores (a 16-node deployment already fills them)."""
-    for item in items:
-        if item.get_closest_marker("deployment"):
-            item.add_marker(pytest.mark.xdist_group("deployment"))
-
-
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "sst2" / "train.jsonl").is_file():
