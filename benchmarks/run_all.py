@@ -37,6 +37,7 @@ RUNNING = ["--set", "strategy.running_sum=true"]
 AWGN = ["--set", "channel.kind=awgn"]
 MEDIAN = ["--set", "strategy.name=median"]
 BF16 = ["--set", "strategy.stack_dtype=bfloat16"]
+TINY_ALL = ["--trained", "0", "--rounds", "2"]  # scaling.py's tiny-bert, every client trained
 
 
 def _sizes(*sizes: int) -> list[str]:
@@ -55,10 +56,8 @@ PLANS = {
     "scaling": ("scaling", ["--sizes", "4", "16", "64", "128", "--rounds", "3"], ["--sizes", "4", "16", "64", "128"]),
     # README's server-memory rows: the stack against the running sum, over the ideal channel and AWGN
     # (the stacked AWGN round holds stack + received batch + noise: at N = 64 about 17 GB, so up to 16)
-    "memory_all_trained": ("scaling", [*_sizes(4, 16), "--trained", "0", "--rounds", "2"],
-                           [*_sizes(4, 16, 64), "--trained", "0", "--rounds", "2"]),
-    "memory_median_awgn": ("scaling", [*_sizes(4, 16), "--trained", "0", "--rounds", "2", "--set", "strategy.name=median", *AWGN],
-                           [*_sizes(4, 16, 64), "--trained", "0", "--rounds", "2", "--set", "strategy.name=median", *AWGN]),
+    "memory_all_trained": ("scaling", [*_sizes(4, 16), *TINY_ALL], [*_sizes(4, 16, 64), *TINY_ALL]),
+    "memory_median_awgn": ("scaling", [*_sizes(4, 16), *TINY_ALL, *MEDIAN, *AWGN], [*_sizes(4, 16, 64), *TINY_ALL, *MEDIAN, *AWGN]),
     "memory_stack": ("scaling", [*_sizes(4, 16), *MINILM_TV], [*_sizes(4, 16, 64), *MINILM_TV]),
     "memory_running": ("scaling", [*_sizes(4, 16), *MINILM_TV, *RUNNING], [*_sizes(4, 16, 64), *MINILM_TV, *RUNNING]),
     "memory_median": ("scaling", [*_sizes(4, 16), *MINILM_TV, *MEDIAN], [*_sizes(4, 16, 64), *MINILM_TV, *MEDIAN]),
@@ -103,14 +102,12 @@ def summary_markdown(results: dict, seconds: dict) -> str:
                   f"{c['step_s']:.3f} s per training step; payload unpack {c['payload_unpack_s'] * 1e3:.2f} ms; "
                   f"uplink {c['bytes_up_lora'] / 1024:.0f} KB = {100 * c['lora_fraction_of_full']:.2f}% of the full "
                   f"model's {c['bytes_full_model'] / 2**20:.1f} MB; client peak RSS {c['peak_rss_mib']:.0f} MiB.", ""]
-    if "scaling" in results:
-        from scaling import markdown as sc
+    from scaling import markdown as sc
 
+    if "scaling" in results:
         lines += ["## Scaling in the number of clients", "", sc(results["scaling"])]
     for name, title in MEMORY_TITLES.items():
         if name in results:
-            from scaling import markdown as sc
-
             lines += [f"## Server memory: {title}", "", sc(results[name])]
     if "fusion_throughput" in results:
         from fusion_throughput import markdown as fu
