@@ -8,13 +8,16 @@ from __future__ import annotations
 import torch
 
 from .base import CHANNELS, Channel, ChannelReport, ClientMeta, check_batch, from_symbols, measured_report, to_symbols
-from .link import LinkParams, transmit_link
+from .link import LinkParams, link_segment_values, transmit_link
 
 
 @CHANNELS.register("awgn")
 class AWGNChannel(Channel):
     Params = LinkParams
     independent = True
+
+    def segment_values(self) -> int | None:
+        return link_segment_values(self.params)
 
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
         check_batch(batch)

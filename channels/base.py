@@ -105,6 +105,15 @@ class Channel(ABC):
         """True when payloads may cross one by one (:attr:`lossless` or :attr:`independent`)."""
         return cls.lossless or cls.independent
 
+    def segment_values(self) -> int | None:
+        """A payload may cross this channel in consecutive segments whose lengths are multiples of this
+        many values (the last one any length), sent in turn through one generator, each value meeting
+        what it meets in one transmission (its packet's gain, power scale and noise law; the draws are
+        other values of the same law), and no payload lost whole. None: the channel needs the payload
+        whole (a per-payload scale, range or loss). A running sum over the channel then holds one
+        segment of a reply at a time instead of the reply and its noise (fedllm/fusion/per_client_uplink.py)."""
+        return None
+
     def for_one(self, key: str) -> "Channel":
         """This channel with a noise stream of its own, seeded by (seed, ``key``): a payload sent alone
         through it gets the same noise whichever payloads were sent before it (arrival order, resume)."""

@@ -7,6 +7,7 @@ stage's count), drops accumulate. Over-the-air (``ota``) may only be the last st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,11 @@ class ComposedChannel(Channel):
     def takes_one_at_a_time(cls, params: Mapping[str, Any]) -> bool:
         return all(CHANNELS.get(stage.get("kind", "ideal")).takes_one_at_a_time(stage)
                    for stage in params.get("chain", []))
+
+    def segment_values(self) -> int | None:
+        """Segments every stage can take: a multiple of each stage's, when each stage takes segments."""
+        quanta = [stage.segment_values() for stage in self.stages]
+        return None if any(q is None for q in quanta) else math.lcm(*quanta)  # type: ignore[arg-type]
 
     def for_one(self, key: str) -> "ComposedChannel":
         twin = super().for_one(key)

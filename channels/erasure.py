@@ -27,6 +27,10 @@ class ErasureChannel(Channel):
     Params = ErasureParams
     independent = True
 
+    def segment_values(self) -> int | None:
+        """Packet erasures cut along packets; a client's whole-payload loss needs the payload whole."""
+        return self.params.packet_size if self.params.mode == "packet" else None
+
     def transmit(self, batch: torch.Tensor, meta: ClientMeta) -> tuple[torch.Tensor, ChannelReport]:
         check_batch(batch)
         n, d = batch.shape

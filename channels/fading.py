@@ -24,7 +24,7 @@ from .base import (
     packets,
     to_symbols,
 )
-from .link import FadingParams, transmit_link
+from .link import FadingParams, link_segment_values, transmit_link
 
 
 class RicianParams(FadingParams):
@@ -34,6 +34,9 @@ class RicianParams(FadingParams):
 class _FadingChannel(Channel):
     Params = FadingParams
     independent = True
+
+    def segment_values(self) -> int | None:
+        return link_segment_values(self.params)
 
     def gains(self, n: int, blocks: int) -> torch.Tensor:
         return complex_noise((n, blocks), self.generator)  # Rayleigh: h ~ CN(0, 1)

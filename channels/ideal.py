@@ -15,6 +15,9 @@ class IdealChannel(Channel):
         check_batch(batch)
         return batch, self.lossless_report(*batch.shape)  # read-only on both sides (Channel.transmit): no copy
 
+    def segment_values(self) -> int | None:
+        return 1  # value by value
+
     def lossless_report(self, clients: int, values: int) -> ChannelReport:
         return ChannelReport(
             mse=torch.zeros(clients),

@@ -52,6 +52,14 @@ class FadingParams(LinkParams):
     csi_error_var: NonNegativeFloat = Field(0.0, description="variance of the channel-estimate error (0: perfect CSI)")
 
 
+def link_segment_values(params: LinkParams) -> int | None:
+    """Whole packets (two reals a symbol) under per-packet power normalisation: a segment of them meets
+    the link as they would in the whole payload. A payload-wide power scale needs the payload whole."""
+    if params.packet_size is None or params.power_normalisation != "packet":
+        return None
+    return 2 * params.packet_size
+
+
 def path_gains(params: LinkParams, ids: list[str], seed: int) -> torch.Tensor:
     """Large-scale gain beta = d^-exponent per client; a client keeps its distance across rounds."""
     if isinstance(params.distance_m, tuple):

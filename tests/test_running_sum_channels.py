@@ -12,6 +12,7 @@ import torch
 
 from fedllm.apps.replies import Replies
 from fedllm.channels import ChannelReport, ClientMeta, build_channel
+from fedllm.channels.base import measured_report
 from fedllm.config import load_config
 from fedllm.core.vectors import Layout, flatten
 from fedllm.fusion.per_client_uplink import PerClientUplink
@@ -54,9 +55,9 @@ def _reference(channel, payloads, rule, server_round=ROUND):
     return fuse_received(torch.stack(got), weights, report, rule)
 
 
-def _running(channel, payloads, order, kind="mean", clip=None, server_round=ROUND) -> Replies:
-    replies = Replies(sorted(payloads), running=RunningSum(LAYOUT.numel, kind, clip_norm=clip,
-                                                           uplink=PerClientUplink(channel, server_round)))
+def _running(channel, payloads, order, kind="mean", clip=None, server_round=ROUND, segment=None) -> Replies:
+    uplink = PerClientUplink(channel, server_round) if segment is None else PerClientUplink(channel, server_round, segment)
+    replies = Replies(sorted(payloads), running=RunningSum(LAYOUT.numel, kind, clip_norm=clip, uplink=uplink))
     for node in order:
         replies.take(node, _reply(node, *payloads[node]), LAYOUT, {})
     return replies
@@ -90,6 +91,100 @@ def test_running_fedavg_over_a_noisy_channel_is_fedavg_of_each_clients_own_draw_
     noiseless = rule(torch.stack([flatten(t, LAYOUT) for t, _ in payloads.values()]),
                      torch.tensor([float(e) for _, e in payloads.values()]))
     assert not torch.allclose(results[0], noiseless, rtol=1e-3, atol=1e-3)  # the channel did act
+
+
+SEGMENTED = {  # channels that act packet by packet, and a chain of them: replies cross in segments
+    "awgn": ("awgn", {"snr_db": 5.0, "packet_size": 64}),
+    "rayleigh": ("rayleigh", {"snr_db": 15.0, "packet_size": 96, "distance_m": (1.0, 3.0), "path_loss_exponent": 2.0}),
+    "erasure-packet": ("erasure", {"p": 0.3, "packet_size": 100}),
+    "compose": ("compose", {"chain": [{"kind": "erasure", "p": 0.2, "packet_size": 50}, {"kind": "rician", "snr_db": 12.0,
+                                                                                        "packet_size": 60}]}),
+}
+
+
+def _segmented_reference(channel, payloads, segment: int, server_round=ROUND):
+    """Each client's payload cut into runs of ``segment`` values sent in turn through its own stream (the
+    channel's batch API on a batch of one run), joined; the record measured on the joined payloads."""
+    rows, sent = [], []
+    for node in sorted(payloads, key=lambda n: f"p{n}"):
+        tensors, examples = payloads[node]
+        flat = flatten(tensors, LAYOUT)
+        stream = channel.for_one(f"round {server_round}/p{node}")
+        meta = ClientMeta([f"p{node}"], torch.tensor([float(examples)]))
+        rows.append(torch.cat([stream.transmit(flat[None, lo:lo + segment], meta)[0][0]
+                               for lo in range(0, flat.numel(), segment)]))
+        sent.append(flat)
+    weights = torch.tensor([float(payloads[n][1]) for n in sorted(payloads, key=lambda n: f"p{n}")])
+    return torch.stack(rows), weights, measured_report(torch.stack(sent), torch.stack(rows), torch.zeros(len(rows)))
+
+
+@pytest.mark.parametrize("name", list(SEGMENTED))
+def test_a_reply_crosses_a_packet_channel_in_segments_of_whole_packets_in_any_arrival_order(name):
+    """A reply longer than a segment crosses in runs of whole packets, one after another through its
+    client's stream: FedAvg of the running sum = FedAvg of each client's runs sent through the batch API
+    and joined, in any arrival order; the record's MSE and SNR are those of the whole payloads."""
+    kind, params = SEGMENTED[name]
+    payloads = _payloads(seed=len(name) + 1)
+    quantum = build_channel(kind, params, seed=4).segment_values()
+    uplink = PerClientUplink(build_channel(kind, params, seed=4), ROUND, segment_values=3 * quantum + 1)
+    assert uplink.segment == 3 * quantum < LAYOUT.numel  # whole packets, several segments a reply
+    rows, weights, expected_report = _segmented_reference(build_channel(kind, params, seed=4), payloads, uplink.segment)
+    expected = build_rule("fedavg", {})(rows, weights)
+    results = []
+    for order in itertools.islice(itertools.permutations(payloads), 0, None, 29):  # 5 of the 120 orders
+        replies = Replies(sorted(payloads), running=RunningSum(LAYOUT.numel, "mean", uplink=PerClientUplink(
+            build_channel(kind, params, seed=4), ROUND, segment_values=3 * quantum + 1)))
+        for node in order:
+            replies.take(node, _reply(node, *payloads[node]), LAYOUT, {})
+        fused, record = _fused(build_channel(kind, params, seed=4), replies)
+        results.append(fused)
+        assert record["channel_mse"] == pytest.approx(float(expected_report.mse.mean()), rel=1e-5)
+        finite = expected_report.snr_db[torch.isfinite(expected_report.snr_db)]
+        assert record["channel_snr_db"] == pytest.approx(float(finite.mean()), rel=1e-5)
+        assert record["channel_bits"] == 32 * LAYOUT.numel * len(payloads)
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert torch.allclose(results[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_segments_fall_on_packet_boundaries_each_packet_meets_one_gain():
+    """Rayleigh, zero-forcing, perfect CSI: a packet's MSE given its gain is its power / (SNR |h|^2)
+    (fedllm/channels/fading.py). Sent in segments, each packet of the whole payload meets one gain of the
+    joined report's gain_power, in order; a segment cut inside a packet would give it two."""
+    packet, snr = 256, 100.0
+    channel = build_channel("rayleigh", {"snr_db": 20.0, "packet_size": packet, "equalizer": "zf"}, seed=3)
+    g = torch.Generator().manual_seed(2)
+    blocks = 400
+    scale = torch.logspace(-3, 1, blocks).repeat_interleave(2 * packet)  # packets' powers over 8 decades
+    payload = torch.randn(blocks * 2 * packet - 70, generator=g) * scale[:-70]  # the last packet a short one
+    uplink = PerClientUplink(channel, 1, segment_values=7 * 2 * packet + 100)  # rounded down to whole packets
+    received, lost = uplink.send("p0", payload, 1)
+    report = uplink._reports[0][1]
+    gains = report.extra["gain_power"][0]
+    assert not lost and gains.shape == (blocks,)
+    per_packet = torch.nn.functional.pad(payload, (0, 70)).view(blocks, -1)
+    error = torch.nn.functional.pad(received - payload, (0, 70)).view(blocks, -1)
+    widths = torch.full((blocks,), 2.0 * packet)
+    widths[-1] -= 70
+    normalised = (error.pow(2).sum(1) / widths) / (per_packet.pow(2).sum(1) / widths) * gains * snr
+    assert float(normalised.mean()) == pytest.approx(1.0, rel=0.05)  # 400 packets of ~512 values
+    assert float(normalised.log().std()) < 0.2  # each packet on its own gain: no packet off by |h'/h|^2
+    assert float(report.symbols[0]) == -(-payload.numel() // 2)
+
+
+def test_a_long_reply_over_awgn_is_added_a_segment_at_a_time():
+    """Over a per-packet channel the server holds one segment of a reply and its noise, not a flat copy
+    of the reply, what arrived and the noise (3 payloads: 96 MB here)."""
+    from fedllm.fusion.per_client_uplink import SEGMENT_VALUES
+    from tests.test_running_sum import _peak_torch_bytes
+
+    n = 8_000_000
+    layout = Layout.of({"a": torch.zeros(n)})
+    message = _reply(0, {"a": torch.randn(n, generator=torch.Generator().manual_seed(0))}, 10)
+    replies = Replies([0], running=RunningSum(n, "mean", uplink=PerClientUplink(
+        build_channel("awgn", {"snr_db": 10.0}, seed=1), 1)))
+    peak = _peak_torch_bytes(lambda: replies.take(0, message, layout, {}))
+    assert peak < 4 * (4 * SEGMENT_VALUES)  # a segment, what arrived, its noise (4 MB each): half a payload
+    assert replies.running.count == 1
 
 
 def test_awgn_per_client_draws_match_the_links_closed_form_and_are_independent_streams():
@@ -129,9 +224,10 @@ def test_payloads_the_channel_loses_are_left_out_and_a_round_that_loses_all_keep
     assert fused is None and record["all_lost"] and record["channel_dropped"] == 6
 
 
-def test_running_dp_over_a_noisy_channel_clips_what_arrived_as_the_stacked_dp_does():
+@pytest.mark.parametrize("segmented", [False, True])
+def test_running_dp_over_a_noisy_channel_clips_what_arrived_as_the_stacked_dp_does(segmented):
     """The stacked DP rule clips the received rows (fuse_received runs the rule after the channel): the
-    running sum clips each received payload, not the sent one."""
+    running sum clips each received payload, not the sent one, also when it arrived in segments."""
     payloads = _payloads(seed=5)
     clip, cohort, noise = 30.0, 5.0, 0.7
     kind, params = CHANNELS["awgn"]
@@ -141,8 +237,14 @@ def test_running_dp_over_a_noisy_channel_clips_what_arrived_as_the_stacked_dp_do
         rule.expected_cohort = cohort
         return rule
 
-    expected, _ = _reference(build_channel(kind, params, seed=4), payloads, dp_rule())
-    replies = _running(build_channel(kind, params, seed=4), payloads, [3, 1, 4, 0, 2], kind="sum", clip=clip)
+    segment = 5 * 128 if segmented else None  # 5 packets of 64 symbols
+    if segmented:
+        rows, weights, report = _segmented_reference(build_channel(kind, params, seed=4), payloads, segment)
+        expected, _ = fuse_received(rows, weights, report, dp_rule())
+    else:
+        expected, _ = _reference(build_channel(kind, params, seed=4), payloads, dp_rule())
+    replies = _running(build_channel(kind, params, seed=4), payloads, [3, 1, 4, 0, 2], kind="sum", clip=clip,
+                       segment=segment)
     got = dp_rule().private_mean(replies.running.result(), replies.running.count)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 

@@ -90,18 +90,20 @@ def _added_to(running: RunningSum, arrays: ArrayRecord, layout: Layout, node: in
     """Add a reply into the round's running sum, tensor by tensor, once all of it is checked: a bad
     reply must not leave half of itself in the sum. It is read twice (check, and its norm where the
     sum clips; then add) so that no copy of the whole payload is made. Over a noisy channel the reply
-    crosses it whole first (one flat copy, freed once added)."""
-    if running.uplink is not None:
-        running.add_received(client_id, _checked_flat(arrays, layout, node, "parameter"), num_examples)
-        return
+    then crosses it (fedllm/fusion/per_client_uplink.py: in segments of packets where it can, read from
+    the reply's tensors) and what arrives is added; DP there clips what arrived, not what was sent."""
+    sent_norm = running.needs_norm and running.uplink is None
     bad, squares = 0, 0.0
     for _, values in _checked_arrays(arrays, layout, node, "parameter"):
         if torch.is_floating_point(values) and not all_finite(values):
             bad += int((~torch.isfinite(values)).sum())
-        elif running.needs_norm:
+        elif sent_norm:
             squares += float(torch.linalg.vector_norm(values if torch.is_floating_point(values) else values.double())) ** 2
     if bad:
         raise _non_finite(node, "parameter", bad)
+    if running.uplink is not None:
+        running.add_received(client_id, _checked_arrays(arrays, layout, node, "parameter"), layout.numel, num_examples)
+        return
     weight = running.weight(num_examples, math.sqrt(squares) if running.needs_norm else None)
     for offset, values in _checked_arrays(arrays, layout, node, "parameter"):
         running.add_piece(offset, values, weight)

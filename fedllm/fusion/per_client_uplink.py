@@ -7,36 +7,74 @@ so what the server receives of a client does not depend on who replied before it
 run draws the same noise without a saved generator state. The draw is a different one from the
 stacked round's (same distribution, other values): a run with a running sum over a noisy channel
 is reproducible, but not bit-equal to the stacked run.
+
+A channel that acts packet by packet (:meth:`~fedllm.channels.Channel.segment_values`: AWGN and fading
+with per-packet power normalisation, packet erasures, chains of them) takes a long reply in segments
+of whole packets, read from the reply's own tensors and sent in turn through the client's stream: the
+server then holds one segment of the reply and its noise at a time (a few MB), not a flat copy of the
+reply, what arrived and the noise (three payloads more, for a full model's task vector). A payload no
+longer than one segment crosses in one call, as the batch API would send it alone.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from fedllm.channels import Channel, ChannelReport, ClientMeta
+
+SEGMENT_VALUES = 1 << 20  # about a segment: 4 MB of float32, whole packets (rounded down to them)
 
 
 class PerClientUplink:
     """Sends payloads through ``channel`` one by one in round ``server_round`` and keeps each one's
     report, so the round's record is the stacked round's (per-client MSE, SNR, bits, drops)."""
 
-    def __init__(self, channel: Channel, server_round: int) -> None:
+    def __init__(self, channel: Channel, server_round: int, segment_values: int = SEGMENT_VALUES) -> None:
         if not channel.takes_one_at_a_time(channel.params.model_dump()):
             raise ValueError(f"{type(channel).__name__} needs the round's payloads together; it cannot take them one by one")
         self.channel, self.round = channel, server_round
+        quantum = channel.segment_values()
+        self.segment = None if quantum is None else quantum * max(1, segment_values // quantum)
         self._reports: list[tuple[str, ChannelReport]] = []
         self.seconds = 0.0  # time spent in the channel
 
-    def send(self, client_id: str, payload: torch.Tensor, num_examples: int) -> tuple[torch.Tensor, bool]:
-        """What the server receives of one client's flat payload, and whether the channel lost it whole."""
-        started = time.perf_counter()
+    def crossings(self, client_id: str, pieces: Iterable[tuple[int, torch.Tensor]], numel: int,
+                  num_examples: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """What the server receives of one client's payload, as (offset, values) in the flat layout: the
+        payload is given as its tensors in layout order (``pieces``: (offset, tensor), tiling ``numel``
+        values), crosses in segments where the channel allows, and yields nothing when the channel lost
+        it whole. Each yielded tensor is valid until the next one is asked for."""
         meta = ClientMeta([client_id], torch.tensor([float(num_examples)]))
-        received, report = self.channel.for_one(f"round {self.round}/{client_id}").transmit(payload[None], meta)
-        self._reports.append((client_id, report))
-        self.seconds += time.perf_counter() - started
-        return received[0], bool(report.dropped[0])
+        channel = self.channel.for_one(f"round {self.round}/{client_id}")
+        size = self.segment if self.segment is not None and numel > self.segment else numel
+        reports, sizes, signal = [], [], 0.0
+        for offset, values in _segments(pieces, numel, size):
+            started = time.perf_counter()
+            received, report = channel.transmit(values[None], meta)
+            if size < numel:
+                if bool(report.dropped[0]):
+                    raise RuntimeError(f"{type(self.channel).__name__} lost a segment of a payload whole: a channel "
+                                       "that loses whole payloads must not offer segments (segment_values)")
+                signal += float(torch.linalg.vector_norm(values)) ** 2
+            reports.append(report)
+            sizes.append(values.numel())
+            self.seconds += time.perf_counter() - started
+            if not bool(report.dropped[0]):
+                yield offset, received[0]
+        self._reports.append((client_id, reports[0] if len(reports) == 1 else _joined(reports, sizes, signal)))
+
+    def send(self, client_id: str, payload: torch.Tensor, num_examples: int) -> tuple[torch.Tensor, bool]:
+        """What the server receives of one client's flat payload (zeros when lost), and whether the
+        channel lost it whole."""
+        received, arrived = torch.zeros_like(payload), False
+        for offset, values in self.crossings(client_id, [(0, payload)], payload.numel(), num_examples):
+            received[offset:offset + values.numel()] = values
+            arrived = True
+        return received, not arrived
 
     def report(self) -> ChannelReport:
         """Every payload's report, in client-id order (the stacked round's rows)."""
@@ -45,3 +83,54 @@ class PerClientUplink:
             return ChannelReport(empty, empty, empty.double(), torch.zeros(0, dtype=torch.bool))
         ordered = [report for _, report in sorted(self._reports, key=lambda item: item[0])]
         return ChannelReport.concat(ordered, list(range(len(ordered))))
+
+
+def _segments(pieces: Iterable[tuple[int, torch.Tensor]], numel: int, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Consecutive runs of ``size`` values (the last one shorter) of the flat payload the pieces tile, as
+    (offset, float32 values): a run inside one float32 piece is a view of it, any other is gathered into
+    one buffer reused from run to run (so a run is valid until the next one is asked for)."""
+    buffer: torch.Tensor | None = None
+    start, filled = 0, 0  # the run being filled: its offset, and how much of it the buffer holds
+    for offset, values in pieces:
+        if offset != start + filled:
+            raise ValueError(f"payload pieces must tile the layout in order: a piece at {offset}, expected {start + filled}")
+        flat, at = values.reshape(-1), 0
+        while at < flat.numel():
+            want = min(size, numel - start)
+            if filled == 0 and flat.dtype == torch.float32 and flat.numel() - at >= want:
+                yield start, flat[at:at + want]
+                at, start = at + want, start + want
+                continue
+            if buffer is None:
+                buffer = torch.empty(min(size, numel))
+            take = min(want - filled, flat.numel() - at)
+            buffer[filled:filled + take] = flat[at:at + take]
+            filled, at = filled + take, at + take
+            if filled == want:
+                yield start, buffer[:want]
+                start, filled = start + want, 0
+    if start + filled != numel:
+        raise ValueError(f"payload pieces hold {start + filled} values, the layout {numel}")
+
+
+def _joined(reports: list[ChannelReport], sizes: list[int], signal: float) -> ChannelReport:
+    """One client's report from its segments' (one row each): MSE and SNR of the whole payload (its
+    squared error and power summed over the segments), bits and symbols summed; per-packet extras
+    (a row of values per packet) joined, per-payload counts summed, numbers weighted by values."""
+    values = sum(sizes)
+    squared_error = sum(float(r.mse[0]) * n for r, n in zip(reports, sizes))
+    mse, power = squared_error / values, signal / values
+    snr = 10 * math.log10(max(power, 1e-30) / max(mse, 1e-30)) if squared_error > 0 else math.inf
+    symbols = None
+    if all(r.symbols is not None for r in reports):
+        symbols = torch.stack([r.symbols[0] for r in reports]).sum().reshape(1)  # type: ignore[index]
+    extra: dict = {}
+    for key, first in reports[0].extra.items():
+        parts = [r.extra[key] for r in reports]
+        if isinstance(first, torch.Tensor):
+            extra[key] = torch.cat(parts, dim=1) if first.ndim == 2 else sum(parts)
+        elif isinstance(first, (int, float)):
+            extra[key] = sum(float(p) * n for p, n in zip(parts, sizes)) / values
+    return ChannelReport(mse=torch.tensor([mse]), snr_db=torch.tensor([snr]),
+                         bits=torch.stack([r.bits[0] for r in reports]).sum().reshape(1),
+                         dropped=torch.zeros(1, dtype=torch.bool), symbols=symbols, extra=extra)

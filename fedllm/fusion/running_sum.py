@@ -10,12 +10,14 @@ float32 payloads (and their products with whole example counts or clip factors) 
 rounding far below float32's, so the result, rounded to float32 at the end, does not depend on the
 order the replies arrived in (the stacked path sorts replies by client for the same reason) and
 agrees with the stacked rule to float32 rounding. Over a noisy channel that takes payloads one by one
-(AWGN, fading, erasures, quantisation), each reply crosses it whole through its client's own noise
-stream before it is added (fedllm/fusion/per_client_uplink.py), and a payload the channel lost is not.
+(AWGN, fading, erasures, quantisation), each reply crosses it through its client's own noise stream,
+a segment of packets at a time where the channel acts packet by packet, and is added as it arrives
+(fedllm/fusion/per_client_uplink.py); a payload the channel lost is not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -63,18 +65,31 @@ class RunningSum:
         # tensor, which for MiniLM's word embeddings would be a whole payload's 94 MB)
         self._sum()[offset:offset + values.numel()].add_(values.reshape(-1), alpha=weight)
 
-    def add_received(self, client_id: str, payload: torch.Tensor, num_examples: int) -> None:
-        """A whole checked reply sent through the round's uplink, then added as received (its weight
-        from what arrived: DP clips the received payload, as the stacked round does); a payload the
-        channel lost is left out, as the stacked round drops its row."""
+    def add_received(self, client_id: str, pieces: Iterable[tuple[int, torch.Tensor]], numel: int,
+                     num_examples: int) -> None:
+        """A whole checked reply (its tensors in layout order, ``pieces``) sent through the round's uplink,
+        then added as received; a payload the channel lost is left out, as the stacked round drops its
+        row. Under DP the received payload is clipped, as the stacked round clips received rows: its
+        norm is known once all of it arrived, so only then is it added (held whole meanwhile)."""
         if self.uplink is None:
             raise ValueError("this running sum has no uplink: add a lossless channel's replies with add_piece")
-        received, lost = self.uplink.send(client_id, payload, num_examples)
-        if lost:
-            return
-        norm = float(torch.linalg.vector_norm(received)) if self.needs_norm else None  # float64 would copy it
-        weight = self.weight(num_examples, norm)
-        self.add_piece(0, received, weight)
+        crossings = self.uplink.crossings(client_id, pieces, numel, num_examples)
+        if self.needs_norm:
+            received: torch.Tensor | None = None
+            for offset, values in crossings:
+                received = torch.empty(numel) if received is None else received
+                received[offset:offset + values.numel()] = values
+            if received is None:
+                return
+            weight = self.weight(num_examples, float(torch.linalg.vector_norm(received)))  # float64 would copy it
+            self.add_piece(0, received, weight)
+        else:
+            weight, arrived = self.weight(num_examples), False
+            for offset, values in crossings:  # a segment at a time: added, then the next one crosses
+                self.add_piece(offset, values, weight)
+                arrived = True
+            if not arrived:
+                return
         self.count_reply(weight)
 
     def count_reply(self, weight: float) -> None:
