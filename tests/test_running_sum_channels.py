@@ -174,7 +174,7 @@ def test_segments_fall_on_packet_boundaries_each_packet_meets_one_gain():
 def test_a_long_reply_over_awgn_is_added_a_segment_at_a_time():
     """Over a per-packet channel the server holds one segment of a reply and its noise, not a flat copy
     of the reply, what arrived and the noise (3 payloads: 96 MB here)."""
-    from fedllm.fusion.per_client_uplink import SEGMENT_VALUES
+    from fedllm.channels.segments import SEGMENT_VALUES
     from tests.test_running_sum import _peak_torch_bytes
 
     n = 8_000_000

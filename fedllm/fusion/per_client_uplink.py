@@ -18,16 +18,13 @@ longer than one segment crosses in one call, as the batch API would send it alon
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from fedllm.channels import Channel, ChannelReport, ClientMeta
-
-SEGMENT_VALUES = 1 << 20  # about a segment: 4 MB of float32, whole packets (rounded down to them)
-
+from fedllm.channels.segments import SEGMENT_VALUES, joined_report, segment_length
 
 class PerClientUplink:
     """Sends payloads through ``channel`` one by one in round ``server_round`` and keeps each one's
@@ -37,8 +34,7 @@ class PerClientUplink:
         if not channel.takes_one_at_a_time(channel.params.model_dump()):
             raise ValueError(f"{type(channel).__name__} needs the round's payloads together; it cannot take them one by one")
         self.channel, self.round = channel, server_round
-        quantum = channel.segment_values()
-        self.segment = None if quantum is None else quantum * max(1, segment_values // quantum)
+        self.segment = segment_length(channel, segment_values)
         self._reports: list[tuple[str, ChannelReport]] = []
         self.seconds = 0.0  # time spent in the channel
 
@@ -65,7 +61,8 @@ class PerClientUplink:
             self.seconds += time.perf_counter() - started
             if not bool(report.dropped[0]):
                 yield offset, received[0]
-        self._reports.append((client_id, reports[0] if len(reports) == 1 else _joined(reports, sizes, signal)))
+        self._reports.append((client_id, reports[0] if len(reports) == 1 else
+                              joined_report(reports, sizes, torch.tensor([signal], dtype=torch.float64))))
 
     def send(self, client_id: str, payload: torch.Tensor, num_examples: int) -> tuple[torch.Tensor, bool]:
         """What the server receives of one client's flat payload (zeros when lost), and whether the
@@ -111,26 +108,3 @@ def _segments(pieces: Iterable[tuple[int, torch.Tensor]], numel: int, size: int)
                 start, filled = start + want, 0
     if start + filled != numel:
         raise ValueError(f"payload pieces hold {start + filled} values, the layout {numel}")
-
-
-def _joined(reports: list[ChannelReport], sizes: list[int], signal: float) -> ChannelReport:
-    """One client's report from its segments' (one row each): MSE and SNR of the whole payload (its
-    squared error and power summed over the segments), bits and symbols summed; per-packet extras
-    (a row of values per packet) joined, per-payload counts summed, numbers weighted by values."""
-    values = sum(sizes)
-    squared_error = sum(float(r.mse[0]) * n for r, n in zip(reports, sizes))
-    mse, power = squared_error / values, signal / values
-    snr = 10 * math.log10(max(power, 1e-30) / max(mse, 1e-30)) if squared_error > 0 else math.inf
-    symbols = None
-    if all(r.symbols is not None for r in reports):
-        symbols = torch.stack([r.symbols[0] for r in reports]).sum().reshape(1)  # type: ignore[index]
-    extra: dict = {}
-    for key, first in reports[0].extra.items():
-        parts = [r.extra[key] for r in reports]
-        if isinstance(first, torch.Tensor):
-            extra[key] = torch.cat(parts, dim=1) if first.ndim == 2 else sum(parts)
-        elif isinstance(first, (int, float)):
-            extra[key] = sum(float(p) * n for p, n in zip(parts, sizes)) / values
-    return ChannelReport(mse=torch.tensor([mse]), snr_db=torch.tensor([snr]),
-                         bits=torch.stack([r.bits[0] for r in reports]).sum().reshape(1),
-                         dropped=torch.zeros(1, dtype=torch.bool), symbols=symbols, extra=extra)

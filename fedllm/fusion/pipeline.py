@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fedllm.channels import Channel, ChannelReport, ClientMeta, build_channel
+from fedllm.channels.segments import transmit_in_place
 from fedllm.config import ExperimentConfig
 from fedllm.core.bundle import ModelBundle
 from fedllm.core.lora_ranks import pad_rows, rank_layout
@@ -76,9 +77,11 @@ def fuse_received(received: torch.Tensor, weights: torch.Tensor, report: Channel
 def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule,
                  to_fusion_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  space: FusionSpace | None = None,
-                 pad: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                 pad: Callable[[torch.Tensor, int], torch.Tensor] | None = None, in_place: bool = False,
                  ) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """Stack the updates, send them through the channel in one call, fuse what arrived. Updates are
+    """Stack the updates, send them through the channel in one call, fuse what arrived. ``in_place``:
+    the updates' deltas are not read after the channel, so long payloads may cross it in segments with
+    what arrives written over the stack (fedllm/channels/segments.py) instead of beside it. Updates are
     put in client-id order first: replies arrive in any order, and the channel's noise draws and the
     fusion's float sums must not depend on it (reproducible runs, resume). Statistics a rule fuses with
     cross the same uplink after the updates, one channel call each. Clients of different LoRA ranks
@@ -88,12 +91,12 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule
     updates = sorted(updates, key=lambda u: u.client_id)
     weights = torch.tensor([float(u.num_examples) for u in updates])
     meta = ClientMeta(ids=[u.client_id for u in updates], num_examples=weights)
-    received, report = transmit_by_rank(updates, channel, meta, pad)
+    received, report = transmit_by_rank(updates, channel, meta, pad, transmit_in_place if in_place else None)
     if received is None:
         return None, {**report.summary(), "fusion_skipped": "over-the-air aggregation needs payloads of one size; "
                       f"the clients' LoRA ranks differ ({sorted({u.rank for u in updates})})"}
-    stats = {name: channel.transmit(torch.stack([u.stats[name] for u in updates]), meta)[0]
-             for name in sorted(updates[0].stats)}
+    stats = {name: transmit_in_place(channel, torch.stack([u.stats[name] for u in updates]), meta)[0]
+             for name in sorted(updates[0].stats)}  # a stack of their own: written over
     channel_done = time.perf_counter()
     fused, record = fuse_received(received, weights, report, rule, to_fusion_space, stats, space)
     return fused, {**record, "seconds_channel": channel_done - started,
@@ -101,21 +104,23 @@ def fuse_updates(updates: list[ClientUpdate], channel: Channel, rule: FusionRule
 
 
 def transmit_by_rank(updates: list[ClientUpdate], channel: Channel, meta: ClientMeta,
-                     pad: Callable[[torch.Tensor, int], torch.Tensor] | None
+                     pad: Callable[[torch.Tensor, int], torch.Tensor] | None,
+                     send: Callable[[Channel, torch.Tensor, ClientMeta], tuple[torch.Tensor, ChannelReport]] | None = None,
                      ) -> tuple[torch.Tensor | None, ChannelReport]:
     """The received rows (global layout, in the updates' order) and the channel's report: one channel
     call when every payload has one size, else one per rank. ``None`` rows: an over-the-air channel
-    met payloads of different sizes."""
+    met payloads of different sizes. ``send``: how a batch crosses (default: ``channel.transmit``)."""
+    send = send or (lambda ch, batch, m: ch.transmit(batch, m))  # noqa: E731
     ranks = [u.rank for u in updates]
     if len(set(ranks)) == 1 or pad is None:
-        return channel.transmit(stack_rows([u.delta for u in updates]), meta)
+        return send(channel, stack_rows([u.delta for u in updates]), meta)
     rows: list[torch.Tensor | None] = [None] * len(updates)
     reports, order = [], []
     for rank in sorted(set(ranks), key=ranks.index):
         idx = [i for i, r in enumerate(ranks) if r == rank]
         sub = ClientMeta([meta.ids[i] for i in idx], meta.num_examples[idx],
                          None if meta.tx_power is None else meta.tx_power[idx])
-        got, rep = channel.transmit(torch.stack([updates[i].delta for i in idx]), sub)
+        got, rep = send(channel, torch.stack([updates[i].delta for i in idx]), sub)
         if rep.aggregated:
             return None, rep
         for i, row in zip(idx, pad(got, rank)):
@@ -314,7 +319,7 @@ class FusionPipeline:
             fused, record = self.fuse_running(running)
         else:
             fused, record = fuse_updates(updates, self.channel, self.dp or self.rule, self.to_fusion_space,
-                                         self.space, self.pad)
+                                         self.space, self.pad, in_place=not self.cfg.eval.fusion_metrics)
         if self.ledger is not None and fused is not None:
             record["dp_epsilon"] = self.ledger.spend()
         started = time.perf_counter()

@@ -1,0 +1,74 @@
+"""Payloads sent through a channel a segment of whole packets at a time, so the server's peak memory
+holds a segment's copy, noise and result instead of the whole payload's.
+
+A channel that acts packet by packet says how long its segments may be
+(:meth:`~fedllm.channels.Channel.segment_values`); a payload of at most :data:`SEGMENT_VALUES` values
+(every LoRA payload of the shipped experiments) crosses in one call, as before, so its draws are those
+of one call. A longer one crosses in consecutive runs of whole packets, in turn through the channel's
+generator: each value meets what it meets in one call (its packet's gain, power scale, noise law), the
+draws being other values of the same law.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Channel, ChannelReport, ClientMeta
+
+SEGMENT_VALUES = 1 << 20  # values per payload in a segment: 4 MB of float32, rounded down to whole packets
+
+
+def segment_length(channel: Channel, target: int = SEGMENT_VALUES) -> int | None:
+    """How many values of each payload one segment holds on ``channel`` (None: the payload goes whole)."""
+    quantum = channel.segment_values()
+    return None if quantum is None else quantum * max(1, target // quantum)
+
+
+def transmit_in_place(channel: Channel, batch: torch.Tensor, meta: ClientMeta,
+                      target: int = SEGMENT_VALUES) -> tuple[torch.Tensor, ChannelReport]:
+    """What the server receives of a (clients x d) float32 ``batch`` it no longer needs as sent: on a
+    channel that takes segments, and when a payload is longer than one, what arrives of each column
+    segment is written back over it and ``batch`` itself is returned (no second batch, no batch of
+    noise); else ``channel.transmit``'s own result. The report is the whole payloads' (MSE and SNR of
+    each row over all its segments)."""
+    size = segment_length(channel, target)
+    n, d = batch.shape
+    if size is None or d <= size or batch.dtype != torch.float32:
+        return channel.transmit(batch, meta)
+    reports, widths = [], []
+    signal = torch.zeros(n, dtype=torch.float64)
+    for lo in range(0, d, size):
+        part = batch[:, lo:lo + size]
+        received, report = channel.transmit(part, meta)
+        if bool(report.dropped.any()):
+            raise RuntimeError(f"{type(channel).__name__} lost a segment of a payload whole: a channel that "
+                               "loses whole payloads must not offer segments (segment_values)")
+        signal += torch.linalg.vector_norm(part, dim=1).double().pow(2)
+        part.copy_(received)
+        reports.append(report)
+        widths.append(part.shape[1])
+    return batch, joined_report(reports, widths, signal)
+
+
+def joined_report(reports: list[ChannelReport], widths: list[int], signal: torch.Tensor) -> ChannelReport:
+    """The report of payloads sent in segments (``reports``, one per segment, ``widths`` values each):
+    each row's MSE and SNR over its whole payload (squared errors summed over the segments, ``signal``:
+    each payload's squared norm), bits and symbols summed; per-packet extras (a row per payload, a
+    value per packet) joined, per-payload counts summed, numbers weighted by values."""
+    values = sum(widths)
+    squared_error = sum(r.mse.double() * w for r, w in zip(reports, widths))
+    mse, power = squared_error / values, signal / values
+    snr = torch.where(squared_error > 0, 10 * torch.log10(power.clamp_min(1e-30) / mse.clamp_min(1e-30)),
+                      torch.full_like(mse, float("inf")))
+    symbols = None
+    if all(r.symbols is not None for r in reports):
+        symbols = sum(r.symbols for r in reports)  # type: ignore[misc]
+    extra: dict = {}
+    for key, first in reports[0].extra.items():
+        parts = [r.extra[key] for r in reports]
+        if isinstance(first, torch.Tensor):
+            extra[key] = torch.cat(parts, dim=1) if first.ndim == 2 else sum(parts)
+        elif isinstance(first, (int, float)):
+            extra[key] = sum(float(p) * w for p, w in zip(parts, widths)) / values
+    return ChannelReport(mse=mse.float(), snr_db=snr.float(), bits=sum(r.bits for r in reports).double(),
+                         dropped=torch.stack([r.dropped for r in reports]).any(dim=0), symbols=symbols, extra=extra)
