@@ -162,11 +162,16 @@ def check_batch(batch: torch.Tensor) -> None:
 
 
 def to_symbols(batch: torch.Tensor) -> torch.Tensor:
-    """Pack pairs of reals into complex baseband symbols: (n, d) -> (n, ceil(d/2)), zero-padded."""
+    """Pack pairs of reals into complex baseband symbols: (n, d) -> (n, ceil(d/2)), zero-padded. A view
+    of a float32 batch of even width when its layout allows (a column segment of a wider batch too):
+    channels read their input and never write it, so a copy would only be one more batch at the peak."""
     n, d = batch.shape
     if d % 2:
         batch = torch.cat([batch, batch.new_zeros(n, 1)], dim=1)
-    return torch.view_as_complex(batch.to(torch.float32).reshape(n, -1, 2).contiguous())
+    pairs = batch.to(torch.float32).reshape(n, -1, 2)
+    if pairs.stride(2) != 1 or any(stride % 2 for stride in pairs.stride()[:2]):
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
 
 
 def from_symbols(symbols: torch.Tensor, d: int) -> torch.Tensor:

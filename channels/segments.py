@@ -2,11 +2,13 @@
 holds a segment's copy, noise and result instead of the whole payload's.
 
 A channel that acts packet by packet says how long its segments may be
-(:meth:`~fedllm.channels.Channel.segment_values`); a payload of at most :data:`SEGMENT_VALUES` values
-(every LoRA payload of the shipped experiments) crosses in one call, as before, so its draws are those
-of one call. A longer one crosses in consecutive runs of whole packets, in turn through the channel's
-generator: each value meets what it meets in one call (its packet's gain, power scale, noise law), the
-draws being other values of the same law.
+(:meth:`~fedllm.channels.Channel.segment_values`). A reply sent alone crosses in segments of about
+:data:`SEGMENT_VALUES` values; a round's batch in column segments of about :data:`BATCH_SEGMENT_VALUES`
+values in all, every row's share whole packets. A payload (or batch) no longer than one segment
+crosses in one call, as before, with the draws of one call (the LoRA payloads of the shipped
+experiments, up to about 55 clients a round). A longer one crosses in consecutive runs of whole
+packets, in turn through the channel's generator: each value meets what it meets in one call (its
+packet's gain, power scale, noise law), the draws being other values of the same law.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from .base import Channel, ChannelReport, ClientMeta
 
-SEGMENT_VALUES = 1 << 20  # values per payload in a segment: 4 MB of float32, rounded down to whole packets
+SEGMENT_VALUES = 1 << 20  # values of one payload in a segment: 4 MB of float32, rounded down to whole packets
+BATCH_SEGMENT_VALUES = 1 << 22  # values of a batch's column segment, every row's share together: 16 MB
 
 
 def segment_length(channel: Channel, target: int = SEGMENT_VALUES) -> int | None:
@@ -25,14 +28,14 @@ def segment_length(channel: Channel, target: int = SEGMENT_VALUES) -> int | None
 
 
 def transmit_in_place(channel: Channel, batch: torch.Tensor, meta: ClientMeta,
-                      target: int = SEGMENT_VALUES) -> tuple[torch.Tensor, ChannelReport]:
+                      target: int = BATCH_SEGMENT_VALUES) -> tuple[torch.Tensor, ChannelReport]:
     """What the server receives of a (clients x d) float32 ``batch`` it no longer needs as sent: on a
-    channel that takes segments, and when a payload is longer than one, what arrives of each column
-    segment is written back over it and ``batch`` itself is returned (no second batch, no batch of
-    noise); else ``channel.transmit``'s own result. The report is the whole payloads' (MSE and SNR of
-    each row over all its segments)."""
-    size = segment_length(channel, target)
+    channel that takes segments, and when the batch is wider than a column segment of about ``target``
+    values in all (whole packets of every row), what arrives of each segment is written back over it
+    and ``batch`` itself is returned (no second batch, no batch of noise); else ``channel.transmit``'s
+    own result. The report is the whole payloads' (MSE and SNR of each row over all its segments)."""
     n, d = batch.shape
+    size = segment_length(channel, max(1, target // max(n, 1)))
     if size is None or d <= size or batch.dtype != torch.float32:
         return channel.transmit(batch, meta)
     reports, widths = [], []

@@ -9,7 +9,7 @@ import torch
 
 from fedllm.channels import ClientMeta, build_channel
 from fedllm.channels.base import measured_report
-from fedllm.channels.segments import segment_length, transmit_in_place
+from fedllm.channels.segments import BATCH_SEGMENT_VALUES, segment_length, transmit_in_place
 from fedllm.core.types import ClientUpdate
 from fedllm.fusion.pipeline import fuse_updates
 from fedllm.strategies import build_rule
@@ -41,9 +41,9 @@ def _batch(d: int, seed: int = 0) -> torch.Tensor:
 def test_a_long_batch_arrives_as_its_segments_through_the_batch_api_written_over_it(name):
     kind, params = SEGMENTED[name]
     quantum = build_channel(kind, params, seed=1).segment_values()
-    target = 4 * quantum + 3
-    size = segment_length(build_channel(kind, params, seed=1), target)
-    assert size == 4 * quantum  # whole packets
+    target = 3 * (4 * quantum + 3)  # in all: each of the 3 rows' share rounded down to whole packets
+    size = segment_length(build_channel(kind, params, seed=1), target // 3)
+    assert size == 4 * quantum
     sent = _batch(11 * quantum + 37)  # 3 whole segments and a short, odd one
     batch = sent.clone()
     received, report = transmit_in_place(build_channel(kind, params, seed=1), batch, META, target)
@@ -98,7 +98,7 @@ def test_a_long_batch_crosses_awgn_without_a_second_batch_or_a_batch_of_noise():
     channel = build_channel("awgn", {"snr_db": 10.0}, seed=1)
     meta = ClientMeta([f"p{i}" for i in range(n)], torch.ones(n))
     peak = _peak_torch_bytes(lambda: transmit_in_place(channel, batch, meta))
-    block = 4 * n * segment_length(channel)  # a segment of every row: 16 MB; the batch is 128 MB
+    block = 4 * n * segment_length(channel, BATCH_SEGMENT_VALUES // n)  # a column segment: 16 MB; the batch 128 MB
     assert peak < 5 * block  # its copy, noise and result
     assert _peak_torch_bytes(lambda: channel.transmit(batch[:, :d // 8], meta)) > 2 * 4 * n * d // 8  # whole: 2+ copies
 
