@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fedllm.apps.cli import app
@@ -37,13 +38,16 @@ def test_every_module_imports_on_its_own():
         assert result.returncode == 0, f"import {module} failed:\n{result.stderr[-800:]}"
 
 
-def test_the_client_app_loads_without_torch():
+@pytest.mark.parametrize("module", ["fedllm.apps.client_app", "fedllm.apps.server_app"])
+def test_the_apps_load_without_torch(module):
     """Flower starts a ClientApp process per message in a deployment: loading the app (all the identity
-    query needs) must not import torch or transformers, which the train and evaluate handlers load."""
+    query needs) must not import torch or transformers, which the train and evaluate handlers load.
+    Under ``flwr run`` Flower loads the ServerApp, then the ClientApp, under one lock and starts Ray
+    after both: a heavy ServerApp module would hold Ray back for its imports."""
     import subprocess
     import sys
 
-    probe = "import sys, fedllm.apps.client_app; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    probe = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-800:]
 

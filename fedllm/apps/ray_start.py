@@ -57,6 +57,11 @@ def ray_init_kwargs(backend_config: dict) -> dict:
     return {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs}
 
 
+class _NotTheSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
+
+
 class EarlyRay:
     """Ray being started in a background thread; ``wait()`` before Flower's simulation starts,
     ``release()`` when it has ended."""
@@ -74,6 +79,9 @@ class EarlyRay:
             import ray
 
             without_prestarted_workers()
+            # started off the main thread on purpose: Ray's warning that it therefore sets no SIGTERM
+            # handler (release() shuts Ray down) would be a stray line in the command's output
+            logging.getLogger("ray._private.worker").addFilter(_NotTheSigtermWarning())
             kwargs = ray_init_kwargs(self._config)
             os.environ["PYTHONPATH"] = kwargs["runtime_env"]["env_vars"]["PYTHONPATH"]  # as Flower does
             ray.init(**kwargs)

@@ -2,6 +2,11 @@
 
 With ``flwr run`` the experiment comes from the run config (``experiment``, ``overrides``,
 ``resume``); ``fedllm run`` and the Python API pass a validated config directly.
+
+Loading this module imports Flower and nothing heavy; the run imports torch, transformers and the
+workload when it starts. Under ``flwr run`` Flower 1.42 loads the ServerApp and then the ClientApp
+under one import lock, and starts Ray only after both: a heavy module here kept Ray waiting for
+torch and transformers to import (7 s on 2 cores), where now it comes up while the run imports them.
 """
 
 from __future__ import annotations
@@ -10,14 +15,16 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm.apps.federated_run import FederatedRun
-from fedllm.config import ConfigError, ExperimentConfig, load_config
-from fedllm.core.errors import DataError
-from fedllm.results.writer import StorageError
+from fedllm.core.errors import ConfigError, DataError, StorageError
+
+if TYPE_CHECKING:
+    from fedllm.apps.federated_run import FederatedRun
+    from fedllm.config import ExperimentConfig
 
 log = logging.getLogger("fedllm")
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -37,6 +44,8 @@ def resolve_experiment_path(path: str) -> Path | None:
 
 
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
+    from fedllm.config import load_config
+
     return load_config(resolve_experiment_path(str(run_config.get("experiment", ""))),
                        str(run_config.get("overrides", "")) or None)
 
@@ -53,6 +62,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, echo: Callable[[str], None
                    resume: Path | None = None, root: Path | None = None) -> Path:
     """Run every round of ``cfg`` on the nodes of ``grid`` (continuing ``resume``); returns the results
     folder (a relative ``output.dir`` under ``root``, default the working directory)."""
+    from fedllm.apps.federated_run import FederatedRun
+
     return FederatedRun(grid, cfg, echo, resume, root).run()
 
 

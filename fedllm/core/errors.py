@@ -23,6 +23,10 @@ class DataError(ValueError):
     """A data problem phrased for the user (missing file, bad label, empty partition)."""
 
 
+class StorageError(OSError):
+    """The results folder could not be written; the message names the path and the cause."""
+
+
 def allowed_keys(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields) or "(none)"
 

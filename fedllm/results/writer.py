@@ -22,15 +22,11 @@ import torch
 import yaml
 
 from fedllm.config import ExperimentConfig
-from fedllm.core.errors import ConfigError
+from fedllm.core.errors import ConfigError, StorageError
 from fedllm.core.store import write_atomically
 from fedllm.results.tracking import Tracker, build_tracker
 
 CHECKPOINT = "checkpoint.pt"
-
-
-class StorageError(OSError):
-    """The results folder could not be written; the message names the path and the cause."""
 
 
 def _jsonable(value: Any) -> Any:
