@@ -47,6 +47,11 @@ PLANS = {
     # section: (script, quick args, full args)
     "overhead_quality": ("overhead_quality", ["--clients", "4", "--rounds", "3", "--steps", "20", "--repeats", "1"],
                          ["--clients", "4", "20", "--rounds", "5", "--steps", "20", "--repeats", "3"]),
+    # README's `flwr run .` figure: the Run command (local SuperLink) beside fedllm run and the loop, as programs
+    "overhead_flwr_run": ("overhead_quality", ["--clients", "4", "--rounds", "2", "--steps", "5", "--repeats", "1",
+                                               "--no-centralised", "--flwr-run"],
+                          ["--clients", "4", "--rounds", "5", "--steps", "20", "--repeats", "3", "--no-centralised",
+                           "--flwr-run"]),
     # every workload against its floor, the same steps in a plain loop: GRPO (PFIT) and full task vectors (R-MTLLMF)
     "overhead_pfit": ("overhead_quality", [*PFIT_TINY, "--rounds", "2", "--steps", "4"],
                       [*PFIT_SMOLLM2, "--rounds", "3", "--steps", "4"]),
@@ -91,6 +96,7 @@ def summary_markdown(results: dict, seconds: dict) -> str:
     from overhead_quality import markdown as oq
 
     for name, title in (("overhead_quality", "Overhead and quality at budget"),
+                        ("overhead_flwr_run", "flwr run . against fedllm run and a plain loop, as programs"),
                         ("overhead_pfit", "PFIT (GRPO) against a plain loop"),
                         ("overhead_rmtllmf", "R-MTLLMF (full task vectors, jammed) against a plain loop")):
         if name in results:
