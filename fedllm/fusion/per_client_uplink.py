@@ -64,14 +64,21 @@ class PerClientUplink:
         self._reports.append((client_id, reports[0] if len(reports) == 1 else
                               joined_report(reports, sizes, torch.tensor([signal], dtype=torch.float64))))
 
+    def received_whole(self, client_id: str, pieces: Iterable[tuple[int, torch.Tensor]], numel: int,
+                       num_examples: int) -> torch.Tensor | None:
+        """:meth:`crossings` gathered into one flat payload (None when the channel lost it whole), for
+        what needs all of it at once (DP's norm of what arrived)."""
+        received: torch.Tensor | None = None
+        for offset, values in self.crossings(client_id, pieces, numel, num_examples):
+            received = torch.empty(numel) if received is None else received
+            received[offset:offset + values.numel()] = values
+        return received
+
     def send(self, client_id: str, payload: torch.Tensor, num_examples: int) -> tuple[torch.Tensor, bool]:
         """What the server receives of one client's flat payload (zeros when lost), and whether the
         channel lost it whole."""
-        received, arrived = torch.zeros_like(payload), False
-        for offset, values in self.crossings(client_id, [(0, payload)], payload.numel(), num_examples):
-            received[offset:offset + values.numel()] = values
-            arrived = True
-        return received, not arrived
+        received = self.received_whole(client_id, [(0, payload)], payload.numel(), num_examples)
+        return (torch.zeros_like(payload), True) if received is None else (received, False)
 
     def report(self) -> ChannelReport:
         """Every payload's report, in client-id order (the stacked round's rows)."""

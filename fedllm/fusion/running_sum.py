@@ -73,20 +73,16 @@ class RunningSum:
         norm is known once all of it arrived, so only then is it added (held whole meanwhile)."""
         if self.uplink is None:
             raise ValueError("this running sum has no uplink: add a lossless channel's replies with add_piece")
-        crossings = self.uplink.crossings(client_id, pieces, numel, num_examples)
         if self.needs_norm:
-            received: torch.Tensor | None = None
-            for offset, values in crossings:
-                received = torch.empty(numel) if received is None else received
-                received[offset:offset + values.numel()] = values
+            received = self.uplink.received_whole(client_id, pieces, numel, num_examples)
             if received is None:
                 return
             weight = self.weight(num_examples, float(torch.linalg.vector_norm(received)))  # float64 would copy it
             self.add_piece(0, received, weight)
         else:
             weight, arrived = self.weight(num_examples), False
-            for offset, values in crossings:  # a segment at a time: added, then the next one crosses
-                self.add_piece(offset, values, weight)
+            for offset, values in self.uplink.crossings(client_id, pieces, numel, num_examples):
+                self.add_piece(offset, values, weight)  # a segment at a time: added, then the next one crosses
                 arrived = True
             if not arrived:
                 return
