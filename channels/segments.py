@@ -43,14 +43,20 @@ def transmit_in_place(channel: Channel, batch: torch.Tensor, meta: ClientMeta,
     for lo in range(0, d, size):
         part = batch[:, lo:lo + size]
         received, report = channel.transmit(part, meta)
-        if bool(report.dropped.any()):
-            raise RuntimeError(f"{type(channel).__name__} lost a segment of a payload whole: a channel that "
-                               "loses whole payloads must not offer segments (segment_values)")
+        check_no_segment_lost(channel, report)
         signal += torch.linalg.vector_norm(part, dim=1).double().pow(2)
         part.copy_(received)
         reports.append(report)
         widths.append(part.shape[1])
     return batch, joined_report(reports, widths, signal)
+
+
+def check_no_segment_lost(channel: Channel, report: ChannelReport) -> None:
+    """A segment lost whole would leave the segments before it in the sum or stack: by the contract of
+    :meth:`~fedllm.channels.Channel.segment_values` no segmenting channel loses whole payloads."""
+    if bool(report.dropped.any()):
+        raise RuntimeError(f"{type(channel).__name__} lost a segment of a payload whole: a channel that "
+                           "loses whole payloads must not offer segments (segment_values)")
 
 
 def joined_report(reports: list[ChannelReport], widths: list[int], signal: torch.Tensor) -> ChannelReport:

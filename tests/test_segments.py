@@ -120,3 +120,20 @@ def test_fuse_updates_writes_over_the_deltas_only_when_told_they_are_not_read_ag
     assert torch.allclose(written, expected, rtol=1e-5, atol=1e-7)
     assert record["channel_snr_db"] == pytest.approx(0.0, abs=0.05)
     assert not torch.allclose(kept, written, atol=1e-4)  # one draw in one call, the other in segments
+
+
+def test_a_channel_that_offers_segments_but_loses_payloads_whole_is_refused():
+    """segment_values promises no payload is lost whole: a lost segment would leave the ones before it
+    in the stack or the running sum, so both paths stop instead of fusing part of a payload."""
+    from fedllm.channels import CHANNELS
+    from fedllm.fusion.per_client_uplink import PerClientUplink
+
+    class Broken(CHANNELS.get("erasure")):  # client erasures, wrongly offering segments
+        def segment_values(self) -> int | None:
+            return 8
+
+    broken = Broken(CHANNELS.get("erasure").Params(p=1.0, mode="client"), seed=0)
+    with pytest.raises(RuntimeError, match="lost a segment of a payload whole"):
+        transmit_in_place(broken, _batch(5_000), META, target=3 * 64)
+    with pytest.raises(RuntimeError, match="lost a segment of a payload whole"):
+        PerClientUplink(broken, 1, segment_values=64).send("p0", torch.ones(500), 1)

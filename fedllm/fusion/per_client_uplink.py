@@ -24,7 +24,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from fedllm.channels import Channel, ChannelReport, ClientMeta
-from fedllm.channels.segments import SEGMENT_VALUES, joined_report, segment_length
+from fedllm.channels.segments import SEGMENT_VALUES, check_no_segment_lost, joined_report, segment_length
+
 
 class PerClientUplink:
     """Sends payloads through ``channel`` one by one in round ``server_round`` and keeps each one's
@@ -52,9 +53,7 @@ class PerClientUplink:
             started = time.perf_counter()
             received, report = channel.transmit(values[None], meta)
             if size < numel:
-                if bool(report.dropped[0]):
-                    raise RuntimeError(f"{type(self.channel).__name__} lost a segment of a payload whole: a channel "
-                                       "that loses whole payloads must not offer segments (segment_values)")
+                check_no_segment_lost(self.channel, report)
                 signal += float(torch.linalg.vector_norm(values)) ** 2
             reports.append(report)
             sizes.append(values.numel())
